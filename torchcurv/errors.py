@@ -1,0 +1,27 @@
+"""Exceptions torchcurv raises, so callers can catch them by kind."""
+
+from __future__ import annotations
+
+
+class OperatorInputError(ValueError):
+    """A vector given to an operator has the wrong type, shape, dtype or device."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or a product) came out NaN or infinite on some batch."""
+
+
+class NondeterminismError(RuntimeError):
+    """The model or the data loader gives different results on repeated passes."""
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is needed; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str, what: str) -> None:
+        super().__init__(
+            f"{what} needs the optional package '{package}': "
+            f"pip install 'torchcurv[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra

@@ -1,0 +1,1 @@
+"""Curvature operators: the torch-native contract and the matrices built on it."""

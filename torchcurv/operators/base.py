@@ -1,0 +1,222 @@
+"""The torch-native linear-operator contract every curvature matrix implements.
+
+A :class:`LinearOperator` here is a square, symmetric ``n x n`` matrix known only
+through its products with vectors. Vectors are torch tensors on the operator's device
+and of its dtype: ``(n,)`` for one vector, ``(n, m)`` for a block of ``m`` vectors.
+Subclasses implement :meth:`_matmat` on validated ``(n, m)`` blocks; everything else
+(shape checks, counting, the parameter-shaped form, dense materialisation) lives here
+once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from torchcurv.errors import OperatorInputError
+
+
+class LinearOperator:
+    """Symmetric ``n x n`` linear operator acting on torch tensors.
+
+    Attributes:
+        shape: ``(n, n)``.
+        dtype: dtype of the vectors the operator takes and returns.
+        device: device of the vectors the operator takes and returns.
+        num_matvecs: number of vectors multiplied so far (a block of ``m`` counts ``m``).
+        num_calls: number of product calls so far (a block counts once).
+    """
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        if n < 1:
+            raise ValueError(f"an operator needs at least one row, got n={n}")
+        self._n = int(n)
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self.num_matvecs = 0
+        self.num_calls = 0
+
+    # -- what subclasses provide ---------------------------------------------------
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Return ``A @ V`` for a validated block ``V`` of shape ``(n, m)``."""
+        raise NotImplementedError
+
+    # -- the contract --------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        """Number of rows (and columns): the selected parameter entries."""
+        return self._n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._n, self._n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A @ v`` for ``v`` of shape ``(n,)`` (or ``(n, 1)``, returned as ``(n, 1)``)."""
+        v = self._check_input(v)
+        if v.ndim == 2 and v.shape[1] != 1:
+            raise OperatorInputError(
+                f"matvec takes one vector of shape ({self._n},) or ({self._n}, 1), "
+                f"got shape {tuple(v.shape)}; use matmat for blocks"
+            )
+        return self._apply(v)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A @ V`` for a block ``V`` of shape ``(n, m)``; returns ``(n, m)``."""
+        V = self._check_input(V)
+        if V.ndim != 2:
+            raise OperatorInputError(
+                f"matmat takes a block of shape ({self._n}, m), got shape {tuple(V.shape)}"
+            )
+        return self._apply(V)
+
+    def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A^T @ v``, equal to :meth:`matvec` because the operator is symmetric."""
+        return self.matvec(v)
+
+    def rmatmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A^T @ V``, equal to :meth:`matmat` because the operator is symmetric."""
+        return self.matmat(V)
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self._apply(self._check_input(other))
+
+    @property
+    def T(self) -> LinearOperator:  # noqa: N802 - numpy/scipy spelling
+        """The transpose: the operator itself (it is symmetric)."""
+        return self
+
+    def adjoint(self) -> LinearOperator:
+        """The adjoint: the operator itself (it is real symmetric)."""
+        return self
+
+    H = property(adjoint)
+
+    def to_dense(self, chunk_size: int = 256, max_n: int = 50_000) -> torch.Tensor:
+        """Materialise the ``(n, n)`` matrix by multiplying blocks of identity columns.
+
+        Args:
+            chunk_size: identity columns per :meth:`matmat` call.
+            max_n: refuse larger operators (an ``n x n`` matrix of that size rarely fits).
+        """
+        if self._n > max_n:
+            raise ValueError(
+                f"to_dense would build a {self._n} x {self._n} matrix; raise max_n to force it"
+            )
+        cols = []
+        for start in range(0, self._n, chunk_size):
+            stop = min(start + chunk_size, self._n)
+            E = torch.zeros(self._n, stop - start, dtype=self._dtype, device=self._device)
+            E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            cols.append(self.matmat(E))
+        return torch.cat(cols, dim=1)
+
+    # -- helpers shared by subclasses ------------------------------------------------
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        one = V.ndim == 1
+        block = V.unsqueeze(1) if one else V
+        out = self._matmat(block)
+        self.num_matvecs += block.shape[1]
+        self.num_calls += 1
+        return out.squeeze(1) if one else out
+
+    def _check_input(self, V: torch.Tensor) -> torch.Tensor:
+        if not isinstance(V, torch.Tensor):
+            raise OperatorInputError(
+                f"{type(self).__name__} multiplies torch tensors, got {type(V).__name__}; "
+                "for NumPy/SciPy use torchcurv.as_linear_operator(op)"
+            )
+        if V.ndim not in (1, 2) or V.shape[0] != self._n:
+            raise OperatorInputError(
+                f"vector has shape {tuple(V.shape)}, the operator needs ({self._n},) "
+                f"or ({self._n}, m)"
+            )
+        if V.dtype != self._dtype:
+            raise OperatorInputError(
+                f"vector has dtype {V.dtype}, the operator's dtype is {self._dtype}; "
+                f"convert with v.to({self._dtype})"
+            )
+        if V.device != self._device and not _same_device(V.device, self._device):
+            raise OperatorInputError(
+                f"vector is on {V.device}, the operator is on {self._device}; "
+                f"move it with v.to('{self._device}')"
+            )
+        return V
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} n={self._n} dtype={self._dtype} device={self._device}>"
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # 'cuda' and 'cuda:0' name the same device when 0 is current.
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    index_a = a.index if a.index is not None else current
+    index_b = b.index if b.index is not None else current
+    return index_a == index_b
+
+
+class ParameterOperator(LinearOperator):
+    """A linear operator whose rows are indexed by the entries of a list of parameters.
+
+    Adds the parameter-shaped form: a list of tensors shaped like ``params`` in and out
+    (:meth:`matvec_params`), and :meth:`flatten` / :meth:`unflatten` between the two.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        params = list(params)
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1:
+            raise TypeError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}")
+        if len(devices) > 1:
+            raise TypeError(f"parameters live on several devices {sorted(map(str, devices))}")
+        self._shapes = [p.shape for p in params]
+        self._sizes = [p.numel() for p in params]
+        super().__init__(sum(self._sizes), params[0].dtype, params[0].device)
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate parameter-shaped tensors into one ``(n,)`` vector."""
+        tensors = list(tensors)
+        if len(tensors) != len(self._shapes) or any(
+            t.shape != s for t, s in zip(tensors, self._shapes)
+        ):
+            raise OperatorInputError(
+                "expected tensors shaped like the parameters "
+                f"{[tuple(s) for s in self._shapes]}, got {[tuple(t.shape) for t in tensors]}"
+            )
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """Split an ``(n,)`` vector into views shaped like the parameters."""
+        v = self._check_input(v)
+        if v.ndim != 1:
+            raise OperatorInputError(f"unflatten takes shape ({self._n},), got {tuple(v.shape)}")
+        return [c.view(s) for c, s in zip(v.split(self._sizes), self._shapes)]
+
+    def matvec_params(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``A @ v`` in the parameter-shaped form: a list shaped like the parameters."""
+        return self.unflatten(self.matvec(self.flatten(tensors)))
+
+    def _split_block(self, V: torch.Tensor) -> list[torch.Tensor]:
+        """Split ``(n, m)`` into per-parameter blocks of shape ``(m, *param.shape)``."""
+        m = V.shape[1]
+        return [
+            c.T.reshape(m, *s) for c, s in zip(V.split(self._sizes, dim=0), self._shapes)
+        ]
+
+    def _join_block(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`_split_block`: per-parameter ``(m, *shape)`` to ``(n, m)``."""
+        return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1).T

@@ -1,0 +1,175 @@
+"""What every model-based curvature operator shares: parameters, data, weighting, safety.
+
+Subclasses implement :meth:`CurvatureOperator._batch_matmat`, the product of one batch's
+curvature (already scaled to its share of the data set's loss) with per-parameter blocks.
+This class walks the data, sums the batch products, checks the loss for NaN/inf, and
+gives the model back untouched.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchcurv.data import check_reiterable, fingerprint, iterate
+from torchcurv.errors import NondeterminismError, NonFiniteLossError
+from torchcurv.objectives import Objective, as_objective
+from torchcurv.operators.base import ParameterOperator
+from torchcurv.operators.model_guard import preserved
+from torchcurv.operators.params import select_parameters
+
+Batch = Any
+
+_RANDOM_IN_TRAIN_MODE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                         nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+class CurvatureOperator(ParameterOperator):
+    """Base of the operators built from ``(model, criterion, data)``.
+
+    Args:
+        model: the network; it is never modified (weights, buffers, ``.grad``, modes).
+        criterion: a torch loss module (``nn.CrossEntropyLoss()``, ...) applied to batches
+            ``(X, y)``, or an :class:`~torchcurv.Objective` for other batch layouts.
+        data: a re-iterable of batches (list, ``DataLoader``); not empty.
+        params: parameters to differentiate (default: all that require grad).
+        param_filter: glob(s) on parameter names selecting a subset.
+        check_deterministic: at construction, walk the data twice and evaluate the first
+            batch's loss twice; raise :class:`~torchcurv.NondeterminismError` if they
+            differ (shuffling loader, random augmentation, dropout). Also refuse models
+            with active dropout.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module | Objective,
+        data: Iterable[Batch],
+        *,
+        params: Iterable[torch.Tensor] | None = None,
+        param_filter: str | Sequence[str] | None = None,
+        check_deterministic: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.objective = as_objective(criterion)
+        self.param_names, self.params = select_parameters(model, params, param_filter)
+        super().__init__(self.params)
+        check_reiterable(data)
+        self.data = data
+        self._check_model_mode(strict=check_deterministic)
+        self.total_weight = self._total_weight(check_deterministic)
+
+    # -- construction-time checks --------------------------------------------------
+    def _check_model_mode(self, strict: bool) -> None:
+        for name, m in self.model.named_modules():
+            if not m.training:
+                continue
+            if isinstance(m, _RANDOM_IN_TRAIN_MODE) and m.p > 0 and strict:
+                raise NondeterminismError(
+                    f"module '{name}' ({type(m).__name__}, p={m.p}) is in train mode, so the "
+                    "operator would be random; call model.eval() first (or pass "
+                    "check_deterministic=False to accept a random operator)"
+                )
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                warnings.warn(
+                    f"module '{name}' (BatchNorm) is in train mode: the operator is the "
+                    "curvature of the train-mode loss with per-batch statistics and changes "
+                    "with the batching; call model.eval() for the usual curvature",
+                    stacklevel=3,
+                )
+
+    def _total_weight(self, check: bool) -> float:
+        weights, prints = [], []
+        for batch in iterate(self.data, self.device):
+            weights.append(self.objective.batch_weight(batch))
+            if check:
+                prints.append(fingerprint(batch))
+        if not weights:
+            raise ValueError("data is empty: it yielded no batch")
+        total = float(sum(float(w) for w in weights))
+        if total <= 0:
+            raise ValueError(
+                f"the data set has {total} loss terms (all targets ignored?); nothing to "
+                "differentiate"
+            )
+        if check:
+            again = [fingerprint(b) for b in iterate(self.data, self.device)]
+            if again != prints:
+                raise NondeterminismError(
+                    "the data gives different batches on two passes (shuffle=True, random "
+                    "augmentation, or a sampler with state?); curvature products walk the data "
+                    "once per product and need the same batches each time. Use shuffle=False "
+                    "or pass check_deterministic=False"
+                )
+            self._check_loss_repeatable()
+        return total
+
+    def _check_loss_repeatable(self) -> None:
+        batch = next(iter(iterate(self.data, self.device)))
+        with preserved(self.model), torch.no_grad():
+            first = self.objective(self.model, batch).detach().clone()
+            second = self.objective(self.model, batch).detach()
+        tol = 1e-6 * float(first.abs().clamp_min(1e-30))
+        if not torch.isfinite(first):
+            raise NonFiniteLossError(f"the loss on batch 0 is {float(first)}")
+        if abs(float(first) - float(second)) > tol:
+            raise NondeterminismError(
+                f"the model's loss on the same batch differs between two evaluations "
+                f"({float(first)!r} vs {float(second)!r}): a random layer in the model? "
+                "call model.eval() or pass check_deterministic=False"
+            )
+
+    # -- products ------------------------------------------------------------------
+    def _batch_matmat(
+        self, batch: Batch, scale: torch.Tensor | float, blocks: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One batch's scaled curvature times ``blocks`` (per parameter ``(m, *shape)``).
+
+        Returns the batch's (unscaled) loss, for the NaN check, and the products.
+        """
+        raise NotImplementedError
+
+    def _perturbed_params(self) -> Sequence[torch.Tensor]:
+        """Parameters a product perturbs in place (restored afterwards)."""
+        return ()
+
+    def _batches(self):
+        """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum')."""
+        for i, batch in enumerate(iterate(self.data, self.device)):
+            if self.objective.reduction == "sum":
+                yield i, batch, 1.0
+                continue
+            w = self.objective.batch_weight(batch)
+            # float64 so that int counts divided by the total lose nothing
+            w = w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
+            yield i, batch, w / self.total_weight
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        blocks = self._split_block(V)
+        total = [torch.zeros_like(b) for b in blocks]
+        losses = []
+        with preserved(self.model, self._perturbed_params()):
+            for _, batch, scale in self._batches():
+                loss, out = self._batch_matmat(batch, scale, blocks)
+                losses.append(loss.detach().reshape(()))
+                for t, o in zip(total, out):
+                    t.add_(o)
+        self._raise_if_not_finite(losses)
+        return self._join_block(total)
+
+    @staticmethod
+    def _raise_if_not_finite(losses: list[torch.Tensor]) -> None:
+        # One host sync per product, not one per batch.
+        finite = torch.isfinite(torch.stack(losses).float())
+        if not bool(finite.all()):
+            bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+            raise NonFiniteLossError(
+                f"the loss is not finite on batch(es) {bad[:10]} "
+                f"(value {float(losses[bad[0]])}); the curvature there is undefined"
+            )

@@ -1,0 +1,134 @@
+"""Per-batch derivative kernels shared by the curvature operators.
+
+Blocks of vectors travel as per-parameter tensors of shape ``(m, *param.shape)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from torchcurv.objectives import Objective
+
+Batch = Any
+
+
+def _zeros_if_none(tensors, like, leading: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    return [
+        t if t is not None else torch.zeros(*leading, *p.shape, dtype=p.dtype, device=p.device)
+        for t, p in zip(tensors, like)
+    ]
+
+
+def scaled(loss: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``loss * scale`` in the loss's dtype (``scale`` may be a float64 0-dim tensor)."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(loss.dtype)
+    return loss * scale
+
+
+def loss_and_grads(
+    model: nn.Module,
+    objective: Objective,
+    batch: Batch,
+    scale: torch.Tensor | float,
+    params: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The batch loss and the gradient of ``scale * loss`` (zeros for unused params)."""
+    with torch.enable_grad():
+        loss = objective(model, batch)
+        grads = torch.autograd.grad(scaled(loss, scale), params, allow_unused=True)
+    return loss, _zeros_if_none(grads, params)
+
+
+def batched_hvp(
+    model: nn.Module,
+    objective: Objective,
+    batch: Batch,
+    scale: torch.Tensor | float,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    blocks: Sequence[torch.Tensor],
+    *,
+    forward_over_reverse: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(H_b * scale) @ V`` for one batch, ``V`` given per parameter as ``(m, *shape)``.
+
+    Returns the batch's unscaled loss and the products, per parameter ``(m, *shape)``.
+    """
+    if forward_over_reverse:
+        return _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blocks)
+    return _hvp_double_backward(model, objective, batch, scale, params, blocks)
+
+
+def _hvp_double_backward(model, objective, batch, scale, params, blocks):
+    m = blocks[0].shape[0]
+    with torch.enable_grad():
+        loss = objective(model, batch)
+        grads = torch.autograd.grad(scaled(loss, scale), params, create_graph=True, allow_unused=True)
+        # A gradient that does not depend on the parameters has a zero Hessian row block.
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not live:
+            return loss, [torch.zeros_like(b) for b in blocks]
+        outputs = [grads[i] for i in live]
+        if m == 1:
+            hv = torch.autograd.grad(
+                outputs, params, grad_outputs=[blocks[i][0] for i in live], allow_unused=True
+            )
+            return loss, [h.unsqueeze(0) for h in _zeros_if_none(hv, params)]
+        try:
+            hv = torch.autograd.grad(
+                outputs, params, grad_outputs=[blocks[i] for i in live],
+                allow_unused=True, is_grads_batched=True, retain_graph=True,
+            )
+            return loss, _zeros_if_none(hv, params, (m,))
+        except RuntimeError:
+            # Some backward formulas have no batching rule: one backward per vector.
+            cols = []
+            for j in range(m):
+                hv = torch.autograd.grad(
+                    outputs, params, grad_outputs=[blocks[i][j] for i in live],
+                    allow_unused=True, retain_graph=j < m - 1,
+                )
+                cols.append(_zeros_if_none(hv, params))
+            return loss, [torch.stack(c) for c in zip(*cols)]
+
+
+class _Bound(nn.Module):
+    """``objective(model, batch)`` as a module, so ``functional_call`` can swap weights."""
+
+    def __init__(self, model: nn.Module, objective: Objective, batch: Batch) -> None:
+        super().__init__()
+        self.model = model
+        self._objective = objective
+        self._batch = batch
+
+    def forward(self) -> torch.Tensor:
+        return self._objective(self.model, self._batch)
+
+
+def _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blocks):
+    bound = _Bound(model, objective, batch)
+    keys = ["model." + n for n in names]
+
+    def scaled_loss(*ps):
+        loss = functional_call(bound, dict(zip(keys, ps)), ())
+        return scaled(loss, scale), loss.detach()
+
+    argnums = tuple(range(len(params)))
+    grad_fn = grad(scaled_loss, argnums=argnums, has_aux=True)
+    primals = tuple(p.detach() for p in params)
+
+    def hvp(*vs):
+        _, hv, loss = jvp(grad_fn, primals, vs, has_aux=True)
+        return hv, loss
+
+    if blocks[0].shape[0] == 1:
+        hv, loss = hvp(*(b[0] for b in blocks))
+        return loss, [h.unsqueeze(0) for h in hv]
+    hv, loss = vmap(hvp, out_dims=(0, None))(*blocks)
+    return loss, list(hv)
