@@ -95,6 +95,7 @@ class CurvatureOperator(ParameterOperator):
         check_reiterable(data)
         self.data = data
         self._check_model_mode(strict=check_deterministic)
+        self._batch_weights: list[float] | None = None
         self.total_weight = self._total_weight(check_deterministic)
 
     # -- construction-time checks --------------------------------------------------
@@ -124,7 +125,8 @@ class CurvatureOperator(ParameterOperator):
                 prints.append(fingerprint(batch))
         if not weights and not self.distributed:
             raise ValueError("data is empty: it yielded no batch")
-        total = float(sum(float(w) for w in weights))
+        weights = [float(w) for w in weights]
+        total = float(sum(weights))
         if self.distributed:  # the data set is the union of the ranks' shards
             total = all_reduce_scalar(total, self.device, self.process_group)
             if total == 0 and not weights:
@@ -145,6 +147,9 @@ class CurvatureOperator(ParameterOperator):
                 )
             if weights:
                 self._check_loss_repeatable()
+            # The data proved repeatable: reuse the weights instead of recounting the
+            # targets (a few small kernels per batch) in every product.
+            self._batch_weights = weights
         return total
 
     def _check_loss_repeatable(self) -> None:
@@ -178,27 +183,29 @@ class CurvatureOperator(ParameterOperator):
 
     def _batches(self):
         """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum')."""
+        cached = self._batch_weights
         for i, batch in enumerate(iterate(self.data, self.device)):
             if self.objective.reduction == "sum":
                 yield i, batch, 1.0
-                continue
-            w = self.objective.batch_weight(batch)
-            # float64 so that int counts divided by the total lose nothing
-            w = w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
-            yield i, batch, w / self.total_weight
+            elif cached is not None and i < len(cached):
+                yield i, batch, cached[i] / self.total_weight
+            else:
+                w = self.objective.batch_weight(batch)
+                # float64 so that int counts divided by the total lose nothing
+                w = w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
+                yield i, batch, w / self.total_weight
 
     def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """This process's share of ``A @ V`` and the batch losses it saw."""
         blocks = self._split_block(V)
-        total = [torch.zeros_like(b) for b in blocks]
+        total = torch.zeros_like(V)
         losses = []
         with preserved(self.model, self._perturbed_params()):
             for _, batch, scale in self._batches():
                 loss, out = self._batch_matmat(batch, scale, blocks)
                 losses.append(loss.detach().reshape(()))
-                for t, o in zip(total, out):
-                    t.add_(o)
-        return self._join_block(total), losses
+                total.add_(self._join_block(out))
+        return total, losses
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         if not self.distributed:
