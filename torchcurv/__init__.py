@@ -1,5 +1,7 @@
 """torchcurv: curvature matrices of PyTorch models as first-class linear operators."""
 
+from torchcurv.algorithms.diagonal import DiagonalEstimate, diagonal
+from torchcurv.algorithms.trace import TraceEstimate, trace
 from torchcurv.errors import (
     MissingExtraError,
     NondeterminismError,
@@ -16,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CurvatureOperator",
+    "DiagonalEstimate",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
@@ -25,5 +28,8 @@ __all__ = [
     "Objective",
     "OperatorInputError",
     "ParameterOperator",
+    "TraceEstimate",
+    "diagonal",
     "supervised",
+    "trace",
 ]
