@@ -1,6 +1,7 @@
 """torchcurv: curvature matrices of PyTorch models as first-class linear operators."""
 
 from torchcurv.algorithms.diagonal import DiagonalEstimate, diagonal
+from torchcurv.algorithms.spectral import SpectralDensity, spectral_density
 from torchcurv.algorithms.trace import TraceEstimate, trace
 from torchcurv.errors import (
     MissingExtraError,
@@ -28,8 +29,10 @@ __all__ = [
     "Objective",
     "OperatorInputError",
     "ParameterOperator",
+    "SpectralDensity",
     "TraceEstimate",
     "diagonal",
+    "spectral_density",
     "supervised",
     "trace",
 ]
