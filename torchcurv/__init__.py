@@ -6,6 +6,7 @@ from torchcurv.errors import (
     NonFiniteLossError,
     OperatorInputError,
 )
+from torchcurv.interop import as_cupy_linear_operator, as_linear_operator, from_linear_operator
 from torchcurv.objectives import Objective, supervised
 from torchcurv.operators.base import LinearOperator, ParameterOperator
 from torchcurv.operators.curvature import CurvatureOperator
@@ -25,5 +26,8 @@ __all__ = [
     "Objective",
     "OperatorInputError",
     "ParameterOperator",
+    "as_cupy_linear_operator",
+    "as_linear_operator",
+    "from_linear_operator",
     "supervised",
 ]
