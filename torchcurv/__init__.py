@@ -1,5 +1,7 @@
 """torchcurv: curvature matrices of PyTorch models as first-class linear operators."""
 
+from torchcurv.algorithms.eigsh import eigsh
+from torchcurv.algorithms.result import EigshResult
 from torchcurv.errors import (
     MissingExtraError,
     NondeterminismError,
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CurvatureOperator",
+    "EigshResult",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
@@ -28,6 +31,7 @@ __all__ = [
     "ParameterOperator",
     "as_cupy_linear_operator",
     "as_linear_operator",
+    "eigsh",
     "from_linear_operator",
     "supervised",
 ]
