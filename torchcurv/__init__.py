@@ -1,5 +1,6 @@
 """torchcurv: curvature matrices of PyTorch models as first-class linear operators."""
 
+from torchcurv.algorithms.compare import compare_backends
 from torchcurv.algorithms.eigsh import eigsh
 from torchcurv.algorithms.result import EigshResult
 from torchcurv.errors import (
@@ -31,6 +32,7 @@ __all__ = [
     "ParameterOperator",
     "as_cupy_linear_operator",
     "as_linear_operator",
+    "compare_backends",
     "eigsh",
     "from_linear_operator",
     "supervised",
