@@ -110,6 +110,11 @@ def eigsh(
         :class:`~torchcurv.algorithms.result.EigshResult` with eigenvalues ascending
         (scipy's order) for every backend and every ``which``.
 
+    Backends grown from one start vector (arpack, cupy) see one direction per distinct
+    eigenvalue, so an exactly repeated eigenvalue may be returned fewer times than its
+    multiplicity (its place taken by the next eigenvalue; every pair returned is still
+    a true eigenpair). Block backends (lobpcg) do not have this limitation.
+
     Raises:
         ValueError: bad ``k``/``which``/``tol``/``maxiter``/``backend``, a ``which`` the
             backend does not serve, or ``sigma=`` (shift-invert is not offered).
