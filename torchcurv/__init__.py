@@ -1,6 +1,9 @@
 """torchcurv: curvature matrices of PyTorch models as first-class linear operators."""
 
+from torchcurv.algorithms.compare import compare_backends
 from torchcurv.algorithms.diagonal import DiagonalEstimate, diagonal
+from torchcurv.algorithms.eigsh import eigsh
+from torchcurv.algorithms.result import EigshResult
 from torchcurv.algorithms.spectral import SpectralDensity, spectral_density
 from torchcurv.algorithms.trace import TraceEstimate, trace
 from torchcurv.errors import (
@@ -9,6 +12,7 @@ from torchcurv.errors import (
     NonFiniteLossError,
     OperatorInputError,
 )
+from torchcurv.interop import as_cupy_linear_operator, as_linear_operator, from_linear_operator
 from torchcurv.objectives import Objective, supervised
 from torchcurv.operators.base import LinearOperator, ParameterOperator
 from torchcurv.operators.curvature import CurvatureOperator
@@ -20,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureOperator",
     "DiagonalEstimate",
+    "EigshResult",
     "HessianOperator",
     "LinearOperator",
     "MatrixOperator",
@@ -31,7 +36,12 @@ __all__ = [
     "ParameterOperator",
     "SpectralDensity",
     "TraceEstimate",
+    "as_cupy_linear_operator",
+    "as_linear_operator",
+    "compare_backends",
     "diagonal",
+    "eigsh",
+    "from_linear_operator",
     "spectral_density",
     "supervised",
     "trace",
