@@ -9,15 +9,21 @@ from torchcurv.errors import (
 from torchcurv.objectives import Objective, supervised
 from torchcurv.operators.base import LinearOperator, ParameterOperator
 from torchcurv.operators.curvature import CurvatureOperator
+from torchcurv.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
+from torchcurv.operators.ggn import GGNOperator
 from torchcurv.operators.hessian import HessianOperator
 from torchcurv.operators.matrix import MatrixOperator
+from torchcurv.validation import ValidationReport, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "MCFisherOperator",
     "MatrixOperator",
     "MissingExtraError",
     "NonFiniteLossError",
@@ -25,5 +31,7 @@ __all__ = [
     "Objective",
     "OperatorInputError",
     "ParameterOperator",
+    "ValidationReport",
     "supervised",
+    "validate",
 ]
