@@ -16,6 +16,12 @@ import torch
 from torch import nn
 
 from torchcurv.data import check_reiterable, fingerprint, iterate
+from torchcurv.distributed.reduce import (
+    all_reduce_product,
+    all_reduce_scalar,
+    assert_same_on_all_ranks,
+    is_distributed,
+)
 from torchcurv.errors import NondeterminismError, NonFiniteLossError
 from torchcurv.objectives import Objective, as_objective
 from torchcurv.operators.base import ParameterOperator
@@ -42,6 +48,14 @@ class CurvatureOperator(ParameterOperator):
             batch's loss twice; raise :class:`~torchcurv.NondeterminismError` if they
             differ (shuffling loader, random augmentation, dropout). Also refuse models
             with active dropout.
+        process_group: the ranks whose data shards make up the data set (default: the
+            default group when ``torch.distributed`` is initialised with more than one
+            rank; a ``DistributedDataParallel`` model brings its own). Each product is the
+            sum over ranks, taken with one all-reduce; every rank gets the same result.
+        distributed: ``None`` (auto, as above), ``True`` or ``False`` (stay local even
+            under torchrun).
+        debug_distributed: check on every product that all ranks multiply the same
+            vectors (one extra small all-reduce).
     """
 
     def __init__(
@@ -53,9 +67,27 @@ class CurvatureOperator(ParameterOperator):
         params: Iterable[torch.Tensor] | None = None,
         param_filter: str | Sequence[str] | None = None,
         check_deterministic: bool = True,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        debug_distributed: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # Products run on the wrapped module: DDP's forward prepares its reducer and
+            # gradient hooks, which must neither fire nor double-count here.
+            process_group = process_group if process_group is not None else model.process_group
+            distributed = True if distributed is None else distributed
+            model = model.module
+        self.process_group = process_group
+        self.distributed = (
+            is_distributed(process_group) if distributed is None else bool(distributed)
+        )
+        if self.distributed and not is_distributed(process_group):
+            raise RuntimeError(
+                "distributed=True needs torch.distributed initialised with more than one rank"
+            )
+        self.debug_distributed = debug_distributed
         self.model = model
         self.objective = as_objective(criterion)
         self.param_names, self.params = select_parameters(model, params, param_filter)
@@ -63,6 +95,7 @@ class CurvatureOperator(ParameterOperator):
         check_reiterable(data)
         self.data = data
         self._check_model_mode(strict=check_deterministic)
+        self._batch_weights: list[float] | None = None
         self.total_weight = self._total_weight(check_deterministic)
 
     # -- construction-time checks --------------------------------------------------
@@ -90,9 +123,14 @@ class CurvatureOperator(ParameterOperator):
             weights.append(self.objective.batch_weight(batch))
             if check:
                 prints.append(fingerprint(batch))
-        if not weights:
+        if not weights and not self.distributed:
             raise ValueError("data is empty: it yielded no batch")
-        total = float(sum(float(w) for w in weights))
+        weights = [float(w) for w in weights]
+        total = float(sum(weights))
+        if self.distributed:  # the data set is the union of the ranks' shards
+            total = all_reduce_scalar(total, self.device, self.process_group)
+            if total == 0 and not weights:
+                raise ValueError("data is empty on every rank: no batch anywhere")
         if total <= 0:
             raise ValueError(
                 f"the data set has {total} loss terms (all targets ignored?); nothing to "
@@ -107,7 +145,11 @@ class CurvatureOperator(ParameterOperator):
                     "once per product and need the same batches each time. Use shuffle=False "
                     "or pass check_deterministic=False"
                 )
-            self._check_loss_repeatable()
+            if weights:
+                self._check_loss_repeatable()
+            # The data proved repeatable: reuse the weights instead of recounting the
+            # targets (a few small kernels per batch) in every product.
+            self._batch_weights = weights
         return total
 
     def _check_loss_repeatable(self) -> None:
@@ -141,34 +183,74 @@ class CurvatureOperator(ParameterOperator):
 
     def _batches(self):
         """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum')."""
+        cached = self._batch_weights
         for i, batch in enumerate(iterate(self.data, self.device)):
             if self.objective.reduction == "sum":
                 yield i, batch, 1.0
-                continue
-            w = self.objective.batch_weight(batch)
-            # float64 so that int counts divided by the total lose nothing
-            w = w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
-            yield i, batch, w / self.total_weight
+            elif cached is not None and i < len(cached):
+                yield i, batch, cached[i] / self.total_weight
+            else:
+                w = self.objective.batch_weight(batch)
+                # float64 so that int counts divided by the total lose nothing
+                w = w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
+                yield i, batch, w / self.total_weight
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """This process's share of ``A @ V`` and the batch losses it saw."""
         blocks = self._split_block(V)
-        total = [torch.zeros_like(b) for b in blocks]
+        total = torch.zeros_like(V)
         losses = []
         with preserved(self.model, self._perturbed_params()):
             for _, batch, scale in self._batches():
                 loss, out = self._batch_matmat(batch, scale, blocks)
                 losses.append(loss.detach().reshape(()))
-                for t, o in zip(total, out):
-                    t.add_(o)
+                total.add_(self._join_block(out))
+        return total, losses
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            out, losses = self._local_matmat(V)
+            self._raise_if_not_finite(losses)
+            return out
+        return self._distributed_matmat(V)
+
+    def _distributed_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self.debug_distributed:
+            assert_same_on_all_ranks(V, self.process_group)
+        reduce = dict(shape=tuple(V.shape), dtype=self.dtype, device=self.device,
+                      group=self.process_group)
+        try:
+            out, losses = self._local_matmat(V)
+            bad = self._nonfinite_batches(losses)
+        except Exception:
+            # Join the collective with a failure flag so the other ranks raise too.
+            all_reduce_product(None, nonfinite=0, failed=True, **reduce)
+            raise
+        reduced = all_reduce_product(out, nonfinite=len(bad), failed=False, **reduce)
+        if reduced.failed_ranks:
+            raise RuntimeError(
+                f"{reduced.failed_ranks} other rank(s) raised during this curvature product; "
+                "see their tracebacks"
+            )
         self._raise_if_not_finite(losses)
-        return self._join_block(total)
+        if reduced.nonfinite:
+            raise NonFiniteLossError(
+                f"the loss is not finite on {reduced.nonfinite} batch(es) of other ranks"
+            )
+        return reduced.value
 
     @staticmethod
-    def _raise_if_not_finite(losses: list[torch.Tensor]) -> None:
-        # One host sync per product, not one per batch.
+    def _nonfinite_batches(losses: list[torch.Tensor]) -> list[int]:
+        if not losses:
+            return []
         finite = torch.isfinite(torch.stack(losses).float())
-        if not bool(finite.all()):
-            bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        return [i for i, ok in enumerate(finite.tolist()) if not ok]
+
+    @classmethod
+    def _raise_if_not_finite(cls, losses: list[torch.Tensor]) -> None:
+        # One host sync per product, not one per batch.
+        bad = cls._nonfinite_batches(losses)
+        if bad:
             raise NonFiniteLossError(
                 f"the loss is not finite on batch(es) {bad[:10]} "
                 f"(value {float(losses[bad[0]])}); the curvature there is undefined"

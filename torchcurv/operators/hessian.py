@@ -54,13 +54,17 @@ class HessianOperator(CurvatureOperator):
         param_filter: str | Sequence[str] | None = None,
         method: str = "autograd",
         check_deterministic: bool = True,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        debug_distributed: bool = False,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         self.method = method
         super().__init__(
             model, criterion, data, params=params, param_filter=param_filter,
-            check_deterministic=check_deterministic,
+            check_deterministic=check_deterministic, process_group=process_group,
+            distributed=distributed, debug_distributed=debug_distributed,
         )
 
     def _perturbed_params(self) -> Sequence[torch.Tensor]:
@@ -74,9 +78,9 @@ class HessianOperator(CurvatureOperator):
             forward_over_reverse=self.method == "forward_over_reverse",
         )
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.method != "finite_difference":
-            return super()._matmat(V)
+            return super()._local_matmat(V)
         return self._finite_difference_matmat(V)
 
     # -- finite differences --------------------------------------------------------
@@ -110,5 +114,4 @@ class HessianOperator(CurvatureOperator):
                             p.copy_(o + (sign * h) * d)
                     sides.append(self.flatten(self._full_gradient(losses)))
                 columns.append((sides[0] - sides[1]) / (2 * h))
-        self._raise_if_not_finite(losses)
-        return torch.stack(columns, dim=1)
+        return torch.stack(columns, dim=1), losses
