@@ -38,13 +38,14 @@ def empirical_fisher_factors(
     objective: Objective,
     output: torch.Tensor,
     batch: Batch,
-    scale: torch.Tensor | float,
+    factor: torch.Tensor | float,
 ) -> tuple[torch.Tensor, SampleOuterProducts]:
-    """The batch loss and ``scale * w_b * sum_r g_r g_rᵀ`` with ``g = ∇_f loss_b``.
+    """The batch loss and ``factor * sum_r g_r g_rᵀ`` with ``g = ∇_f loss_b``.
 
-    ``loss_b = s / w_b`` summed over the batch's samples for ``"mean"`` (``w_b`` its
-    number of loss terms), so ``w_b g_r = ∇ s_r`` and the factor is ``scale / w_b`` times
-    the per-sample gradient outer products: the batch's share of ``c sum_r ∇s_r ∇s_rᵀ``.
+    For ``"mean"``, ``loss_b = (sum_r s_r) / w_b`` (``w_b`` the batch's number of loss
+    terms), so ``w_b g_r = ∇s_r``; with the batch's share ``scale = w_b / W``, the factor
+    ``scale * w_b`` gives the batch's part of ``(1/W) sum_r ∇s_r ∇s_rᵀ``. For ``"sum"``
+    the factor is ``scale = 1``.
     """
     point = output.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -52,10 +53,9 @@ def empirical_fisher_factors(
         (grad,) = torch.autograd.grad(loss, point, allow_unused=True)
     if grad is None:
         grad = torch.zeros_like(point)
-    weight = _as_scale(objective.batch_weight(batch), grad)
     layout = sample_layout(objective.criterion, output)
-    factor = torch.sqrt(_as_scale(scale, grad) * weight)
-    return loss.detach(), SampleOuterProducts(layout, (layout.to_rows(grad[None]) * factor))
+    root = torch.sqrt(_as_scale(factor, grad))
+    return loss.detach(), SampleOuterProducts(layout, layout.to_rows(grad[None]) * root)
 
 
 def monte_carlo_fisher_factors(

@@ -47,11 +47,16 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     """
 
     def _output_curvature(self, output, batch, scale):
-        return empirical_fisher_factors(self.objective, output, batch, scale)
+        # scale = w_b / W for "mean", so the batch's loss-term count is scale * W
+        weight = scale * self.total_weight if self.objective.reduction == "mean" else 1.0
+        return empirical_fisher_factors(self.objective, output, batch, scale * weight)
 
 
 class MCFisherOperator(OutputSpaceOperator):
     """Monte-Carlo Fisher: ``c sum_r Jᵀ (1/S sum_k g_rk g_rkᵀ) J`` with ``g`` sampled.
+
+    With several ranks (``distributed``) every rank restarts from the same seed and
+    draws for its own shard.
 
     Labels are drawn per sample from the model's predictive distribution (categorical for
     ``CrossEntropyLoss``, Bernoulli for ``BCEWithLogitsLoss``, ``N(f, I/2)`` for
@@ -64,7 +69,8 @@ class MCFisherOperator(OutputSpaceOperator):
     all columns of a block, see the same labels.
 
     Args:
-        model, criterion, data, params, param_filter, jvp, check_deterministic: see
+        model, criterion, data, params, param_filter, jvp, check_deterministic,
+            process_group, distributed, debug_distributed: see
             :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
         mc_samples: labels drawn per sample and product.
         seed: seeds a ``torch.Generator`` on the operator's device.
@@ -85,6 +91,9 @@ class MCFisherOperator(OutputSpaceOperator):
         generator: torch.Generator | None = None,
         jvp: str = "forward",
         check_deterministic: bool = True,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        debug_distributed: bool = False,
     ) -> None:
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
@@ -92,7 +101,8 @@ class MCFisherOperator(OutputSpaceOperator):
         self.seed = int(seed)
         super().__init__(
             model, criterion, data, params=params, param_filter=param_filter, jvp=jvp,
-            check_deterministic=check_deterministic,
+            check_deterministic=check_deterministic, process_group=process_group,
+            distributed=distributed, debug_distributed=debug_distributed,
         )
         crit = self.objective.criterion
         if not isinstance(crit, SAMPLEABLE) or self.objective.targets is None:
@@ -119,10 +129,10 @@ class MCFisherOperator(OutputSpaceOperator):
             rng.manual_seed(self.seed)
         return rng
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._rng = self.fresh_generator()
         try:
-            return super()._matmat(V)
+            return super()._local_matmat(V)
         finally:
             self._rng = None
 

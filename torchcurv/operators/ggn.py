@@ -30,7 +30,8 @@ class GGNOperator(OutputSpaceOperator):
     ``"finite_difference"``, three with ``"double_vjp"``.
 
     Args:
-        model, criterion, data, params, param_filter, jvp, check_deterministic: see
+        model, criterion, data, params, param_filter, jvp, check_deterministic,
+            process_group, distributed, debug_distributed: see
             :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
     """
 

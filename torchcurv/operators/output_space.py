@@ -34,7 +34,8 @@ class OutputSpaceOperator(CurvatureOperator):
     """Base of the ``Jᵀ C J`` operators; subclasses supply the output-space ``C_b``.
 
     Args:
-        model, criterion, data, params, param_filter, check_deterministic: see
+        model, criterion, data, params, param_filter, check_deterministic,
+            process_group, distributed, debug_distributed: see
             :class:`~torchcurv.operators.curvature.CurvatureOperator`.
         jvp: how ``J V`` is computed:
 
@@ -58,6 +59,9 @@ class OutputSpaceOperator(CurvatureOperator):
         param_filter: str | Sequence[str] | None = None,
         jvp: str = "forward",
         check_deterministic: bool = True,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        debug_distributed: bool = False,
     ) -> None:
         if jvp not in JVP_METHODS:
             raise ValueError(f"jvp must be one of {JVP_METHODS}, got {jvp!r}")
@@ -65,7 +69,8 @@ class OutputSpaceOperator(CurvatureOperator):
         self._origin: list[torch.Tensor] | None = None
         super().__init__(
             model, criterion, data, params=params, param_filter=param_filter,
-            check_deterministic=check_deterministic,
+            check_deterministic=check_deterministic, process_group=process_group,
+            distributed=distributed, debug_distributed=debug_distributed,
         )
         if not has_separate_output(self.objective):
             raise ValueError(
@@ -85,12 +90,12 @@ class OutputSpaceOperator(CurvatureOperator):
     def _perturbed_params(self) -> Sequence[torch.Tensor]:
         return self.params if self.jvp == "finite_difference" else ()
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.jvp != "finite_difference":
-            return super()._matmat(V)
+            return super()._local_matmat(V)
         self._origin = [p.detach().clone() for p in self.params]
         try:
-            return super()._matmat(V)
+            return super()._local_matmat(V)
         finally:
             self._origin = None
 
