@@ -148,3 +148,17 @@ def test_nan_loss_is_reported():
     finally:
         with torch.no_grad():
             model[0].bias[0] = 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op_class", [torchcurv.GGNOperator, torchcurv.EmpiricalFisherOperator,
+                                      torchcurv.MCFisherOperator])
+def test_cuda_operators_match_their_dense_reference(op_class):
+    model, criterion, data = case("sequence", "ce")
+    model = model.cuda()
+    data = [(x.cuda(), y.cuda()) for x, y in data]
+    for jvp in ("forward", "double_vjp", "finite_difference"):
+        op = op_class(model, criterion, data, jvp=jvp)
+        assert op.device.type == "cuda"
+        tol = 1e-7 if jvp == "finite_difference" else 1e-10
+        assert torchcurv.validate(op, "dense", probes=3).max_error < tol
