@@ -16,8 +16,11 @@ from torchcurv.interop import as_cupy_linear_operator, as_linear_operator, from_
 from torchcurv.objectives import Objective, supervised
 from torchcurv.operators.base import LinearOperator, ParameterOperator
 from torchcurv.operators.curvature import CurvatureOperator
+from torchcurv.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
+from torchcurv.operators.ggn import GGNOperator
 from torchcurv.operators.hessian import HessianOperator
 from torchcurv.operators.matrix import MatrixOperator
+from torchcurv.validation import ValidationReport, validate
 
 __version__ = "0.1.0"
 
@@ -25,8 +28,11 @@ __all__ = [
     "CurvatureOperator",
     "DiagonalEstimate",
     "EigshResult",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
     "HessianOperator",
     "LinearOperator",
+    "MCFisherOperator",
     "MatrixOperator",
     "MissingExtraError",
     "NonFiniteLossError",
@@ -36,6 +42,7 @@ __all__ = [
     "ParameterOperator",
     "SpectralDensity",
     "TraceEstimate",
+    "ValidationReport",
     "as_cupy_linear_operator",
     "as_linear_operator",
     "compare_backends",
@@ -45,4 +52,5 @@ __all__ = [
     "spectral_density",
     "supervised",
     "trace",
+    "validate",
 ]
