@@ -6,6 +6,7 @@ from torchcurv.errors import (
     NonFiniteLossError,
     OperatorInputError,
 )
+from torchcurv.kernels import ce_hessian_matmat, cross_entropy_row_weights
 from torchcurv.objectives import Objective, supervised
 from torchcurv.operators.base import LinearOperator, ParameterOperator
 from torchcurv.operators.curvature import CurvatureOperator
@@ -25,5 +26,7 @@ __all__ = [
     "Objective",
     "OperatorInputError",
     "ParameterOperator",
+    "ce_hessian_matmat",
+    "cross_entropy_row_weights",
     "supervised",
 ]
