@@ -13,6 +13,7 @@ from torchcurv.errors import (
     OperatorInputError,
 )
 from torchcurv.interop import as_cupy_linear_operator, as_linear_operator, from_linear_operator
+from torchcurv.kernels import ce_hessian_matmat, cross_entropy_row_weights
 from torchcurv.objectives import Objective, supervised
 from torchcurv.operators.base import LinearOperator, ParameterOperator
 from torchcurv.operators.curvature import CurvatureOperator
@@ -45,7 +46,9 @@ __all__ = [
     "ValidationReport",
     "as_cupy_linear_operator",
     "as_linear_operator",
+    "ce_hessian_matmat",
     "compare_backends",
+    "cross_entropy_row_weights",
     "diagonal",
     "eigsh",
     "from_linear_operator",
