@@ -186,8 +186,25 @@ def check_failure_does_not_hang(rank):
         op @ v
 
 
+def check_nonfinite_loss_raises_on_every_rank(rank):
+    model, criterion, data = case("mlp_tanh", "ce")
+    shard = [(x.clone(), y) for x, y in _shard(data, rank)]
+    if rank == 1:
+        shard[0][0][0, 0] = float("nan")
+    # At construction: rank 1's loss check fails, rank 0 learns of it.
+    expected = (torchcurv.NonFiniteLossError, "loss on batch 0") if rank == 1 else (
+        RuntimeError, "other rank.*construction")
+    with pytest.raises(expected[0], match=expected[1]):
+        torchcurv.GGNOperator(model, criterion, shard)
+    # In a product (construction checks off): every rank raises NonFiniteLossError.
+    op = torchcurv.GGNOperator(model, criterion, shard, check_deterministic=False)
+    with pytest.raises(torchcurv.NonFiniteLossError):
+        op @ torch.ones(op.n, dtype=torch.float64)
+
+
 CHECKS = [check_products, check_mc_fisher, check_eigsh, check_randomized,
-          check_fsdp2_finite_difference, check_failure_does_not_hang]
+          check_fsdp2_finite_difference, check_failure_does_not_hang,
+          check_nonfinite_loss_raises_on_every_rank]
 
 
 def _worker(rank, port, out_dir):

@@ -177,20 +177,38 @@ class CurvatureOperator(ParameterOperator):
                 "differentiate"
             )
         if check:
-            again = [fingerprint(b) for b in iterate(self.data, self.device)]
-            if again != prints:
-                raise NondeterminismError(
-                    "the data gives different batches on two passes (shuffle=True, random "
-                    "augmentation, or a sampler with state?); curvature products walk the data "
-                    "once per product and need the same batches each time. Use shuffle=False "
-                    "or pass check_deterministic=False"
-                )
-            if weights:
-                self._check_loss_repeatable()
-            # The data proved repeatable: reuse the weights instead of recounting the
-            # targets (a few small kernels per batch) in every product.
-            self._batch_weights = weights
+            if not self.distributed:
+                self._check_repeatable(weights, prints)
+            else:
+                # A rank failing its checks tells the others, which would otherwise wait
+                # in their first product's all-reduce until the timeout.
+                try:
+                    self._check_repeatable(weights, prints)
+                except Exception:
+                    all_reduce_scalar(1.0, self.device, self.process_group)
+                    raise
+                failed = all_reduce_scalar(0.0, self.device, self.process_group)
+                if failed:
+                    raise RuntimeError(
+                        f"{round(failed)} other rank(s) failed the operator's construction "
+                        "checks; see their tracebacks"
+                    )
         return total
+
+    def _check_repeatable(self, weights: list[float], prints: list[tuple]) -> None:
+        again = [fingerprint(b) for b in iterate(self.data, self.device)]
+        if again != prints:
+            raise NondeterminismError(
+                "the data gives different batches on two passes (shuffle=True, random "
+                "augmentation, or a sampler with state?); curvature products walk the data "
+                "once per product and need the same batches each time. Use shuffle=False "
+                "or pass check_deterministic=False"
+            )
+        if weights:
+            self._check_loss_repeatable()
+        # The data proved repeatable: reuse the weights instead of recounting the
+        # targets (a few small kernels per batch) in every product.
+        self._batch_weights = weights
 
     def _check_loss_repeatable(self) -> None:
         batch = next(iter(iterate(self.data, self.device)))
