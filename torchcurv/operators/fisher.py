@@ -41,9 +41,9 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     :class:`~torchcurv.GGNOperator`). Works with any criterion or
     :class:`~torchcurv.Objective` whose batch loss is a sum over samples.
 
-    Args:
-        model, criterion, data, params, param_filter, jvp, check_deterministic: see
-            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    Arguments (``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``):
+    as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
     """
 
     def _output_curvature(self, output, batch, scale):
@@ -68,10 +68,11 @@ class MCFisherOperator(OutputSpaceOperator):
     ``seed`` (or from the state ``generator`` had at construction), so all products, and
     all columns of a block, see the same labels.
 
+    ``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``:
+    as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+
     Args:
-        model, criterion, data, params, param_filter, jvp, check_deterministic,
-            process_group, distributed, debug_distributed: see
-            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
         mc_samples: labels drawn per sample and product.
         seed: seeds a ``torch.Generator`` on the operator's device.
         generator: alternatively, a generator on that device whose current state is used
