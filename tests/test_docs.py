@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import torchcurv
 
@@ -49,13 +50,20 @@ def test_page_code_runs(page, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace = {"__name__": f"docs_{page.stem.replace('-', '_')}"}
-    for line, source, _ in blocks:
-        # Padding keeps tracebacks pointing at the page's own line numbers.
-        code = compile("\n" * (line - 1) + source, str(page), "exec")
-        try:
-            exec(code, namespace)
-        except torchcurv.MissingExtraError as e:
-            pytest.skip(f"{page.name} line {line} needs an optional package: {e}")
+    # The pages' models are tiny: threads only add synchronisation (and stall badly on a
+    # busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for line, source, _ in blocks:
+            # Padding keeps tracebacks pointing at the page's own line numbers.
+            code = compile("\n" * (line - 1) + source, str(page), "exec")
+            try:
+                exec(code, namespace)
+            except torchcurv.MissingExtraError as e:
+                pytest.skip(f"{page.name} line {line} needs an optional package: {e}")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_mkdocs_builds_strictly(tmp_path):
