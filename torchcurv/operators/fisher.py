@@ -41,9 +41,9 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     :class:`~torchcurv.GGNOperator`). Works with any criterion or
     :class:`~torchcurv.Objective` whose batch loss is a sum over samples.
 
-    Args:
-        model, criterion, data, params, param_filter, jvp, check_deterministic: see
-            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    Arguments (``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``):
+    as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
     """
 
     def _output_curvature(self, output, batch, scale):
@@ -73,10 +73,11 @@ class MCFisherOperator(OutputSpaceOperator):
     equals the single-process one with ``per_batch_seeds=True`` on the concatenated
     shards, and no two batches anywhere share draws.
 
+    ``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``:
+    as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+
     Args:
-        model, criterion, data, params, param_filter, jvp, check_deterministic,
-            process_group, distributed, debug_distributed: see
-            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
         mc_samples: labels drawn per sample and product.
         seed: seeds a ``torch.Generator`` on the operator's device.
         generator: alternatively, a generator on that device whose current state is used

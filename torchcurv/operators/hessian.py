@@ -27,9 +27,11 @@ class HessianOperator(CurvatureOperator):
     terms for ``reduction="mean"`` and summed for ``"sum"`` (see
     :mod:`torchcurv.objectives`). ``n`` is the number of selected parameter entries.
 
+    ``model``, ``criterion``, ``data``, ``params``, ``param_filter``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``:
+    as for :class:`~torchcurv.operators.curvature.CurvatureOperator`.
+
     Args:
-        model, criterion, data, params, param_filter, check_deterministic: see
-            :class:`~torchcurv.operators.curvature.CurvatureOperator`.
         method: how Hessian-vector products are computed.
 
             - ``"autograd"`` (default): exact double backward, for every op autograd
