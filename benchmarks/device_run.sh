@@ -44,7 +44,9 @@ for stage in "$@"; do
             run ggn_products python3 benchmarks/ggn_products.py --out "$OUT/ggn_products_h100.jsonl" ;;
         solvers)
             run eigsh_backends python3 benchmarks/eigsh_backends.py
-            run eigsolvers python3 benchmarks/eigsolvers.py --out "$OUT/eigsolvers_h100.jsonl" ;;
+            run eigsolvers python3 benchmarks/eigsolvers.py --out "$OUT/eigsolvers_h100.jsonl"
+            run profile_lanczos python3 benchmarks/profile_lanczos.py \
+                --out "$OUT/profile_lanczos_h100.jsonl" ;;
         lm)
             run lm_scale python3 benchmarks/lm_scale.py --out "$OUT/lm_scale_h100.jsonl" ;;
         *) echo "unknown stage $stage"; status=2 ;;
