@@ -6,7 +6,14 @@ from torchcurv.errors import (
     NonFiniteLossError,
     OperatorInputError,
 )
+from torchcurv.models import (
+    causal_lm_objective,
+    seq2seq_lm_objective,
+    sequence_classification_objective,
+    transformer_lens_objective,
+)
 from torchcurv.objectives import Objective, supervised
+from torchcurv.operators.attention import differentiable_attention
 from torchcurv.operators.base import LinearOperator, ParameterOperator
 from torchcurv.operators.curvature import CurvatureOperator
 from torchcurv.operators.hessian import HessianOperator
@@ -25,5 +32,10 @@ __all__ = [
     "Objective",
     "OperatorInputError",
     "ParameterOperator",
+    "causal_lm_objective",
+    "differentiable_attention",
+    "seq2seq_lm_objective",
+    "sequence_classification_objective",
     "supervised",
+    "transformer_lens_objective",
 ]

@@ -26,7 +26,8 @@ class HessianOperator(CurvatureOperator):
     :mod:`torchcurv.objectives`). ``n`` is the number of selected parameter entries.
 
     Args:
-        model, criterion, data, params, param_filter, check_deterministic: see
+        model, criterion, data, params, param_filter, check_deterministic,
+            microbatch_size: see
             :class:`~torchcurv.operators.curvature.CurvatureOperator`.
         method: how Hessian-vector products are computed.
 
@@ -54,13 +55,14 @@ class HessianOperator(CurvatureOperator):
         param_filter: str | Sequence[str] | None = None,
         method: str = "autograd",
         check_deterministic: bool = True,
+        microbatch_size: int | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         self.method = method
         super().__init__(
             model, criterion, data, params=params, param_filter=param_filter,
-            check_deterministic=check_deterministic,
+            check_deterministic=check_deterministic, microbatch_size=microbatch_size,
         )
 
     def _perturbed_params(self) -> Sequence[torch.Tensor]:
@@ -80,18 +82,21 @@ class HessianOperator(CurvatureOperator):
         return self._finite_difference_matmat(V)
 
     # -- finite differences --------------------------------------------------------
-    def _full_gradient(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _full_gradient(
+        self, losses: list[torch.Tensor], batch_of: list[int]
+    ) -> list[torch.Tensor]:
         total = [torch.zeros_like(p) for p in self.params]
-        for _, batch, scale in self._batches():
+        for i, batch, scale in self._batches():
             loss, grads = loss_and_grads(self.model, self.objective, batch, scale, self.params)
             losses.append(loss.detach().reshape(()))
+            batch_of.append(i)
             for t, g in zip(total, grads):
                 t.add_(g)
         return total
 
     def _finite_difference_matmat(self, V: torch.Tensor) -> torch.Tensor:
         eps = torch.finfo(self.dtype).eps
-        columns, losses = [], []
+        columns, losses, batch_of = [], [], []
         with preserved(self.model, self.params):
             origin = [p.detach().clone() for p in self.params]
             theta_norm = float(torch.sqrt(sum((o.double() ** 2).sum() for o in origin)))
@@ -108,7 +113,7 @@ class HessianOperator(CurvatureOperator):
                     with torch.no_grad():
                         for p, o, d in zip(self.params, origin, pieces):
                             p.copy_(o + (sign * h) * d)
-                    sides.append(self.flatten(self._full_gradient(losses)))
+                    sides.append(self.flatten(self._full_gradient(losses, batch_of)))
                 columns.append((sides[0] - sides[1]) / (2 * h))
-        self._raise_if_not_finite(losses)
+        self._raise_if_not_finite(losses, batch_of)
         return torch.stack(columns, dim=1)
