@@ -48,7 +48,7 @@ def transformer_lens_model():
     """A random-weight TransformerLens 4 model (``TransformerBridge`` over its native
     architecture; ``HookedTransformer`` was removed in TransformerLens 4)."""
     import transformer_lens
-    import transformer_lens.model_bridge.sources  # noqa: F401  (registers boot_native)
+    import transformer_lens.model_bridge.sources
 
     cfg = transformer_lens.TransformerBridgeConfig(
         d_model=16, n_layers=2, n_ctx=16, d_head=8, n_heads=2, d_vocab=VOCAB, act_fn="gelu",

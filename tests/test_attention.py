@@ -7,9 +7,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytest.importorskip("transformers")
 
-from hf_zoo import DT, gpt2, lm_batches, rel  # noqa: E402
+from hf_zoo import DT, gpt2, lm_batches, rel
 
-import torchcurv  # noqa: E402
+import torchcurv
 
 PARAMS = ["transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_proj.bias"]
 

@@ -56,7 +56,7 @@ class _InterruptOnBatch:
 @pytest.mark.parametrize("method", ALL_METHODS)
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("boom")])
 def test_model_bit_identical_when_product_is_interrupted(method, exc):
-    model, criterion, data = case("mlp_tanh", "ce")
+    model, _, data = case("mlp_tanh", "ce")
     _with_grads_and_mixed_modes(model)
     loss = _InterruptOnBatch(k=10**9, exc=exc)
     objective = torchcurv.Objective(
@@ -94,7 +94,7 @@ def test_wrong_device_is_named(hessian):
 
 def test_numpy_input_points_to_the_scipy_adapter(hessian):
     with pytest.raises(OperatorInputError, match="as_linear_operator"):
-        hessian @ torch.zeros(hessian.n, dtype=torch.float64).numpy()  # noqa: B018
+        hessian @ torch.zeros(hessian.n, dtype=torch.float64).numpy()
     with pytest.raises(OperatorInputError, match="as_linear_operator"):
         hessian.matvec(torch.zeros(hessian.n, dtype=torch.float64).numpy())
 

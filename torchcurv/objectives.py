@@ -44,6 +44,9 @@ class Objective:
             combine mean-reduced batches; ``None`` weighs every batch equally (an average of
             batch losses, exact only when all batches have the same weight).
         criterion: the ``nn.Module`` loss when there is one (closed-form loss Hessians).
+        targets: ``targets(batch) -> y`` with ``loss(output, batch) == criterion(output, y)``;
+            set together with ``criterion`` so closed-form loss Hessians and label
+            sampling (GGN, Fisher) know the targets. ``None`` means autograd fallbacks.
     """
 
     forward: Callable[[nn.Module, Batch], torch.Tensor]
@@ -51,6 +54,7 @@ class Objective:
     reduction: str = "mean"
     weight: Callable[[Batch], torch.Tensor | float] | None = None
     criterion: nn.Module | None = None
+    targets: Callable[[Batch], Any] | None = None
 
     def __post_init__(self) -> None:
         if self.reduction not in ("mean", "sum"):
@@ -86,6 +90,11 @@ def _identity(output: torch.Tensor, batch: Batch) -> torch.Tensor:
     return output
 
 
+def has_separate_output(objective: Objective) -> bool:
+    """Whether ``objective.forward`` gives a model output rather than the loss itself."""
+    return objective.loss is not _identity
+
+
 def supervised(criterion: nn.Module) -> Objective:
     """The objective ``criterion(model(X), y)`` for batches ``(X, y)``.
 
@@ -112,6 +121,7 @@ def supervised(criterion: nn.Module) -> Objective:
         reduction=reduction,
         weight=weight,
         criterion=criterion,
+        targets=_targets,
     )
 
 

@@ -16,6 +16,12 @@ import torch
 from torch import nn
 
 from torchcurv.data import check_reiterable, fingerprint, iterate
+from torchcurv.distributed.reduce import (
+    all_reduce_product,
+    all_reduce_scalar,
+    assert_same_on_all_ranks,
+    is_distributed,
+)
 from torchcurv.errors import NondeterminismError, NonFiniteLossError
 from torchcurv.objectives import Objective, as_objective
 from torchcurv.operators.attention import differentiable_attention
@@ -48,17 +54,28 @@ class CurvatureOperator(ParameterOperator):
             batch's loss twice; raise :class:`~torchcurv.NondeterminismError` if they
             differ (shuffling loader, random augmentation, dropout). Also refuse models
             with active dropout.
+        process_group: the ranks whose data shards make up the data set (default: the
+            default group when ``torch.distributed`` is initialised with more than one
+            rank; a ``DistributedDataParallel`` model brings its own). Each product is the
+            sum over ranks, taken with one all-reduce; every rank gets the same result.
+        distributed: ``None`` (auto, as above), ``True`` or ``False`` (stay local even
+            under torchrun).
+        debug_distributed: check on every product that all ranks multiply the same
+            vectors (one extra small all-reduce).
         microbatch_size: split every batch into chunks of at most this many examples
             (dim 0 of every tensor in the batch, dict batches too), each weighted by its
             own loss-term count, to bound the memory of one product. The operator is the
-            same matrix (up to rounding). Refused for models that mix the examples of a
-            batch (BatchNorm in train mode) and for mean-reduced objectives without a
-            ``weight``; with ``check_deterministic``, batch 0's loss is also checked to be
-            the weighted mean of its microbatches' losses.
+            same matrix (up to rounding; the Monte-Carlo Fisher draws other labels).
+            Refused for models that mix the examples of a batch (BatchNorm in train mode)
+            and for mean-reduced objectives without a ``weight``; with
+            ``check_deterministic``, the first splittable batch's loss is also checked to
+            be the weighted mean of its microbatches' losses. Microbatches without loss
+            terms (all targets padding) are skipped.
 
-    Products run with SDPA restricted to its math backend
-    (:func:`~torchcurv.operators.attention.differentiable_attention`), and for float16 /
-    bfloat16 models the batch products are summed in float32 and rounded once at the end.
+    Every product runs with SDPA restricted to its math backend
+    (:func:`~torchcurv.operators.attention.differentiable_attention`), the only one that
+    double backward and forward-mode AD go through. For float16 / bfloat16 models the
+    batch products are summed (and all-reduced) in float32 and rounded once at the end.
     """
 
     def __init__(
@@ -70,10 +87,28 @@ class CurvatureOperator(ParameterOperator):
         params: Iterable[torch.Tensor] | None = None,
         param_filter: str | Sequence[str] | None = None,
         check_deterministic: bool = True,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        debug_distributed: bool = False,
         microbatch_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # Products run on the wrapped module: DDP's forward prepares its reducer and
+            # gradient hooks, which must neither fire nor double-count here.
+            process_group = process_group if process_group is not None else model.process_group
+            distributed = True if distributed is None else distributed
+            model = model.module
+        self.process_group = process_group
+        self.distributed = (
+            is_distributed(process_group) if distributed is None else bool(distributed)
+        )
+        if self.distributed and not is_distributed(process_group):
+            raise RuntimeError(
+                "distributed=True needs torch.distributed initialised with more than one rank"
+            )
+        self.debug_distributed = debug_distributed
         self.model = model
         self.objective = as_objective(criterion)
         self.param_names, self.params = select_parameters(model, params, param_filter)
@@ -85,6 +120,8 @@ class CurvatureOperator(ParameterOperator):
         self._check_model_mode(strict=check_deterministic)
         if microbatch_size is not None:
             self._check_splittable()
+        # per batch, the loss-term counts of its pieces (one piece without microbatching)
+        self._batch_weights: list[list[float]] | None = None
         self.total_weight = self._total_weight(check_deterministic)
         if microbatch_size is not None and check_deterministic:
             self._check_split_loss_matches()
@@ -108,15 +145,28 @@ class CurvatureOperator(ParameterOperator):
                     stacklevel=3,
                 )
 
+    def _pieces(self, batch: Batch) -> list[Batch]:
+        """The microbatches of ``batch`` (``[batch]`` without ``microbatch_size``)."""
+        if self.microbatch_size is None:
+            return [batch]
+        return split_batch(batch, self.microbatch_size)
+
     def _total_weight(self, check: bool) -> float:
         weights, prints = [], []
         for batch in iterate(self.data, self.device):
-            weights.append(self.objective.batch_weight(batch))
+            # pieces of a 'sum' loss all weigh 1 and are never cached: count batches
+            pieces = self._pieces(batch) if self.objective.reduction == "mean" else [batch]
+            weights.append([self.objective.batch_weight(p) for p in pieces])
             if check:
                 prints.append(fingerprint(batch))
-        if not weights:
+        if not weights and not self.distributed:
             raise ValueError("data is empty: it yielded no batch")
-        total = float(sum(float(w) for w in weights))
+        weights = [[float(w) for w in ws] for ws in weights]
+        total = float(sum(sum(ws) for ws in weights))
+        if self.distributed:  # the data set is the union of the ranks' shards
+            total = all_reduce_scalar(total, self.device, self.process_group)
+            if total == 0 and not weights:
+                raise ValueError("data is empty on every rank: no batch anywhere")
         if total <= 0:
             raise ValueError(
                 f"the data set has {total} loss terms (all targets ignored?); nothing to "
@@ -131,7 +181,11 @@ class CurvatureOperator(ParameterOperator):
                     "once per product and need the same batches each time. Use shuffle=False "
                     "or pass check_deterministic=False"
                 )
-            self._check_loss_repeatable()
+            if weights:
+                self._check_loss_repeatable()
+            # The data proved repeatable: reuse the weights instead of recounting the
+            # targets (a few small kernels and, per microbatch, a host sync) per product.
+            self._batch_weights = weights
         return total
 
     def _check_loss_repeatable(self) -> None:
@@ -160,18 +214,18 @@ class CurvatureOperator(ParameterOperator):
 
     def _check_split_loss_matches(self) -> None:
         """Catch batch coupling no module check sees (custom layers, in-batch losses)."""
-        for batch in iterate(self.data, self.device):
-            pieces = split_batch(batch, self.microbatch_size)
-            weight = float(self.objective.batch_weight(batch))
-            if len(pieces) > 1 and weight > 0:
+        mean = self.objective.reduction == "mean"
+        for batch, weights in zip(iterate(self.data, self.device), self._batch_weights or []):
+            pieces = self._pieces(batch)
+            if len(pieces) > 1 and sum(weights) > 0:
                 break
         else:
             return  # no batch with loss terms is larger than a microbatch: nothing to check
         with preserved(self.model), torch.no_grad():
             whole = float(self.objective(self.model, batch))
             split = 0.0
-            for piece in pieces:
-                share = float(self._piece_scale(piece, weight))
+            for j, piece in enumerate(pieces):
+                share = weights[j] / sum(weights) if mean else 1.0
                 if share != 0:
                     split += share * float(self.objective(self.model, piece))
         tol = torch.finfo(self.dtype).eps ** 0.5 * max(abs(whole), 1e-30)
@@ -201,59 +255,121 @@ class CurvatureOperator(ParameterOperator):
     def _batches(self):
         """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum').
 
-        With ``microbatch_size``, one entry per microbatch (``index`` is its batch's);
-        microbatches without loss terms are left out: their mean loss is 0/0, and their
-        share of the data set's loss is zero.
+        With ``microbatch_size``, one entry per microbatch (``index`` is its batch's, and
+        ``w_b`` its own loss-term count); microbatches without loss terms are left out:
+        their mean loss is 0/0, and their share of the data set's loss is zero.
         """
+        cached = self._batch_weights
         for i, batch in enumerate(iterate(self.data, self.device)):
-            if self.microbatch_size is None:
-                yield i, batch, self._piece_scale(batch, self.total_weight)
-                continue
-            for piece in split_batch(batch, self.microbatch_size):
-                scale = self._piece_scale(piece, self.total_weight)
-                # one host sync per microbatch, small beside its forward and backwards
-                if self.objective.reduction == "sum" or float(scale) != 0:
-                    yield i, piece, scale
-
-    def _piece_scale(self, piece: Batch, total: float) -> torch.Tensor | float:
-        """``piece``'s share ``w / total`` of a mean-reduced loss (1 for 'sum')."""
-        if self.objective.reduction == "sum":
-            return 1.0
-        w = self.objective.batch_weight(piece)
-        # float64 so that int counts divided by the total lose nothing
-        w = w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
-        return w / total
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        blocks = self._split_block(V)
-        total = [torch.zeros_like(b, dtype=_accumulation_dtype(b.dtype)) for b in blocks]
-        losses, batch_of = [], []
-        with preserved(self.model, self._perturbed_params()), differentiable_attention():
-            for i, batch, scale in self._batches():
-                loss, out = self._batch_matmat(batch, scale, blocks)
-                losses.append(loss.detach().reshape(()))
-                batch_of.append(i)
-                for t, o in zip(total, out):
-                    t.add_(o)
-        self._raise_if_not_finite(losses, batch_of)
-        return self._join_block([t.to(self.dtype) for t in total])
+            pieces = self._pieces(batch)
+            if self.objective.reduction == "sum":
+                for piece in pieces:
+                    yield i, piece, 1.0
+            elif cached is not None and i < len(cached):
+                for piece, w in zip(pieces, cached[i]):
+                    if w != 0 or self.microbatch_size is None:
+                        yield i, piece, w / self.total_weight
+            elif self.microbatch_size is None:
+                # a tensor count stays on the device: no host sync per batch
+                yield i, batch, self._as_float64(self.objective.batch_weight(batch)) / (
+                    self.total_weight
+                )
+            else:
+                # deciding which microbatches to skip needs their counts on the host:
+                # one sync per batch
+                ws = torch.stack([
+                    torch.as_tensor(self.objective.batch_weight(p), dtype=torch.float64,
+                                    device=self.device)
+                    for p in pieces
+                ]).tolist()
+                for piece, w in zip(pieces, ws):
+                    if w != 0:
+                        yield i, piece, w / self.total_weight
 
     @staticmethod
-    def _raise_if_not_finite(
-        losses: list[torch.Tensor], batch_of: list[int] | None = None
-    ) -> None:
-        """``batch_of[j]``: the batch index of ``losses[j]`` (default ``j``; microbatches)."""
-        # One host sync per product, not one per batch.
-        finite = torch.isfinite(torch.stack(losses).float())
-        if not bool(finite.all()):
-            bad = [j for j, ok in enumerate(finite.tolist()) if not ok]
-            batches = sorted({batch_of[j] for j in bad}) if batch_of is not None else bad
+    def _as_float64(w: torch.Tensor | float) -> torch.Tensor | float:
+        # float64 so that int counts divided by the total lose nothing
+        return w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
+
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
+        """This process's share of ``A @ V`` (in :func:`accumulation_dtype`) and the
+        batch losses it saw."""
+        blocks = self._split_block(V)
+        total = torch.zeros_like(V, dtype=accumulation_dtype(V.dtype))
+        losses = BatchLosses()
+        with preserved(self.model, self._perturbed_params()):
+            for i, batch, scale in self._batches():
+                loss, out = self._batch_matmat(batch, scale, blocks)
+                losses.add(i, loss)
+                total.add_(self._join_block(out))
+        return total, losses
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        with differentiable_attention():
+            if not self.distributed:
+                out, losses = self._local_matmat(V)
+                losses.raise_if_not_finite()
+                return out.to(self.dtype)
+            return self._distributed_matmat(V)
+
+    def _distributed_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self.debug_distributed:
+            assert_same_on_all_ranks(V, self.process_group)
+        reduce = dict(shape=tuple(V.shape), dtype=accumulation_dtype(self.dtype),
+                      device=self.device, group=self.process_group)
+        try:
+            out, losses = self._local_matmat(V)
+            bad = losses.nonfinite_batches()
+        except Exception:
+            # Join the collective with a failure flag so the other ranks raise too.
+            all_reduce_product(None, nonfinite=0, failed=True, **reduce)
+            raise
+        reduced = all_reduce_product(out, nonfinite=len(bad), failed=False, **reduce)
+        if reduced.failed_ranks:
+            raise RuntimeError(
+                f"{reduced.failed_ranks} other rank(s) raised during this curvature product; "
+                "see their tracebacks"
+            )
+        losses.raise_if_not_finite()
+        if reduced.nonfinite:
+            raise NonFiniteLossError(
+                f"the loss is not finite on {reduced.nonfinite} batch(es) of other ranks"
+            )
+        return reduced.value.to(self.dtype)
+
+
+class BatchLosses:
+    """The losses one product saw, each with the index of the batch it belongs to (several
+    per batch with microbatching), checked for NaN/inf with one host sync per product."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+        self.batch_index: list[int] = []
+
+    def add(self, index: int, loss: torch.Tensor) -> None:
+        self.values.append(loss.detach().reshape(()))
+        self.batch_index.append(index)
+
+    def _bad(self) -> list[int]:
+        if not self.values:
+            return []
+        finite = torch.isfinite(torch.stack(self.values).float())
+        return [j for j, ok in enumerate(finite.tolist()) if not ok]
+
+    def nonfinite_batches(self) -> list[int]:
+        """Sorted indices of the batches with a NaN/inf loss (on any of their pieces)."""
+        return sorted({self.batch_index[j] for j in self._bad()})
+
+    def raise_if_not_finite(self) -> None:
+        bad = self._bad()
+        if bad:
+            batches = sorted({self.batch_index[j] for j in bad})
             raise NonFiniteLossError(
                 f"the loss is not finite on batch(es) {batches[:10]} "
-                f"(value {float(losses[bad[0]])}); the curvature there is undefined"
+                f"(value {float(self.values[bad[0]])}); the curvature there is undefined"
             )
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sum 16-bit batch products in float32: bf16 keeps 8 bits, lost after ~100 batches."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -69,7 +69,9 @@ def _hvp_double_backward(model, objective, batch, scale, params, blocks):
     m = blocks[0].shape[0]
     with torch.enable_grad():
         loss = objective(model, batch)
-        grads = torch.autograd.grad(scaled(loss, scale), params, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            scaled(loss, scale), params, create_graph=True, allow_unused=True
+        )
         # A gradient that does not depend on the parameters has a zero Hessian row block.
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not live:

@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 from torchcurv.objectives import Objective
-from torchcurv.operators.curvature import CurvatureOperator
+from torchcurv.operators.curvature import (
+    BatchLosses,
+    CurvatureOperator,
+    accumulation_dtype,
+)
 from torchcurv.operators.functional import batched_hvp, loss_and_grads
 from torchcurv.operators.model_guard import preserved
 
@@ -27,7 +31,7 @@ class HessianOperator(CurvatureOperator):
 
     Args:
         model, criterion, data, params, param_filter, check_deterministic,
-            microbatch_size: see
+            process_group, distributed, debug_distributed, microbatch_size: see
             :class:`~torchcurv.operators.curvature.CurvatureOperator`.
         method: how Hessian-vector products are computed.
 
@@ -55,6 +59,9 @@ class HessianOperator(CurvatureOperator):
         param_filter: str | Sequence[str] | None = None,
         method: str = "autograd",
         check_deterministic: bool = True,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        debug_distributed: bool = False,
         microbatch_size: int | None = None,
     ) -> None:
         if method not in _METHODS:
@@ -62,7 +69,9 @@ class HessianOperator(CurvatureOperator):
         self.method = method
         super().__init__(
             model, criterion, data, params=params, param_filter=param_filter,
-            check_deterministic=check_deterministic, microbatch_size=microbatch_size,
+            check_deterministic=check_deterministic, process_group=process_group,
+            distributed=distributed, debug_distributed=debug_distributed,
+            microbatch_size=microbatch_size,
         )
 
     def _perturbed_params(self) -> Sequence[torch.Tensor]:
@@ -76,27 +85,25 @@ class HessianOperator(CurvatureOperator):
             forward_over_reverse=self.method == "forward_over_reverse",
         )
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         if self.method != "finite_difference":
-            return super()._matmat(V)
+            return super()._local_matmat(V)
         return self._finite_difference_matmat(V)
 
     # -- finite differences --------------------------------------------------------
-    def _full_gradient(
-        self, losses: list[torch.Tensor], batch_of: list[int]
-    ) -> list[torch.Tensor]:
-        total = [torch.zeros_like(p) for p in self.params]
+    def _full_gradient(self, losses: BatchLosses) -> list[torch.Tensor]:
+        acc = accumulation_dtype(self.dtype)
+        total = [torch.zeros_like(p, dtype=acc) for p in self.params]
         for i, batch, scale in self._batches():
             loss, grads = loss_and_grads(self.model, self.objective, batch, scale, self.params)
-            losses.append(loss.detach().reshape(()))
-            batch_of.append(i)
+            losses.add(i, loss)
             for t, g in zip(total, grads):
                 t.add_(g)
         return total
 
-    def _finite_difference_matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _finite_difference_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         eps = torch.finfo(self.dtype).eps
-        columns, losses, batch_of = [], [], []
+        columns, losses = [], BatchLosses()
         with preserved(self.model, self.params):
             origin = [p.detach().clone() for p in self.params]
             theta_norm = float(torch.sqrt(sum((o.double() ** 2).sum() for o in origin)))
@@ -104,7 +111,7 @@ class HessianOperator(CurvatureOperator):
                 v = V[:, j]
                 v_norm = float(v.norm())
                 if v_norm == 0:
-                    columns.append(torch.zeros_like(v))
+                    columns.append(torch.zeros_like(v, dtype=accumulation_dtype(v.dtype)))
                     continue
                 h = eps ** (1 / 3) * (1 + theta_norm) / v_norm
                 pieces = self.unflatten(v.contiguous())
@@ -113,7 +120,6 @@ class HessianOperator(CurvatureOperator):
                     with torch.no_grad():
                         for p, o, d in zip(self.params, origin, pieces):
                             p.copy_(o + (sign * h) * d)
-                    sides.append(self.flatten(self._full_gradient(losses, batch_of)))
+                    sides.append(self.flatten(self._full_gradient(losses)))
                 columns.append((sides[0] - sides[1]) / (2 * h))
-        self._raise_if_not_finite(losses, batch_of)
-        return torch.stack(columns, dim=1)
+        return torch.stack(columns, dim=1), losses

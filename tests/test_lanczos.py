@@ -1,0 +1,233 @@
+"""Thick-restart Lanczos: exact against eigvalsh on known spectra, honest about the rest."""
+
+import pytest
+import torch
+from spectra import rotated
+from zoo import case, explicit_hessian
+
+import torchcurv
+from torchcurv.algorithms import krylov
+from torchcurv.algorithms.lanczos import lanczos_eigsh
+
+DT = torch.float64
+
+
+def wanted(eigenvalues: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    """What scipy's eigsh returns for ``which``, ascending."""
+    ev = torch.sort(eigenvalues).values
+    if which == "LA":
+        chosen = ev[-k:]
+    elif which == "SA":
+        chosen = ev[:k]
+    elif which == "LM":
+        chosen = ev[torch.argsort(ev.abs(), descending=True)[:k]]
+    else:
+        chosen = torch.cat([ev[: k // 2], ev[len(ev) - (k - k // 2):]])
+    return torch.sort(chosen).values
+
+
+def indefinite_spectrum(n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dtype=DT, generator=g) * 3
+
+
+def assert_true_eigenpairs(A: torch.Tensor, result, tol: float) -> None:
+    V, lam = result.eigenvectors, result.eigenvalues
+    R = (A @ V - V * lam).norm(dim=0)
+    assert bool((R <= tol * lam.abs()).all()), R / lam.abs()
+    assert torch.allclose(V.T @ V, torch.eye(V.shape[1], dtype=DT), atol=1e-8)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+def test_eigenvalues_match_eigvalsh_for_every_which(which):
+    ev = indefinite_spectrum(200)
+    A = rotated(ev)
+    r = lanczos_eigsh(torchcurv.MatrixOperator(A), k=7, which=which, tol=1e-9, seed=0)
+    assert r.all_converged and r.info["stop_reason"] == "converged"
+    assert torch.allclose(r.eigenvalues, wanted(ev, 7, which), rtol=1e-9, atol=0)
+    assert bool((r.eigenvalues[1:] >= r.eigenvalues[:-1]).all()), "ascending like scipy"
+    assert_true_eigenpairs(A, r, 1e-9)
+    assert r.backend == "lanczos" and r.which == which
+
+
+def test_large_diagonal_operator_needs_few_products():
+    n = 2000
+    ev = torch.linspace(0, 1, n, dtype=DT) ** 2
+    ev[-5:] = torch.tensor([2.0, 2.5, 3.0, 3.5, 4.0], dtype=DT)
+    op = torchcurv.MatrixOperator(torch.diag(ev))
+    r = lanczos_eigsh(op, k=5, tol=1e-8)
+    assert torch.allclose(r.eigenvalues, ev[-5:], rtol=1e-10)
+    assert r.num_matvecs < 200
+    assert r.info["ncv"] == 20 and r.info["basis_bytes"] == 20 * n * 8
+
+
+def test_tiny_gaps_in_a_cluster_are_resolved_without_ghosts():
+    # Top eigenvalues 10, 10 - 1e-6, 10 - 2e-6, ...: a tight cluster above a bulk.
+    n = 300
+    ev = torch.linspace(0, 5, n, dtype=DT)
+    ev[-6:] = 10 - 1e-6 * torch.arange(5, -1, -1, dtype=DT)
+    A = rotated(ev)
+    r = lanczos_eigsh(torchcurv.MatrixOperator(A), k=6, tol=1e-12, seed=3)
+    assert r.all_converged
+    assert torch.allclose(r.eigenvalues, ev[-6:], rtol=1e-12, atol=0)
+    assert_true_eigenpairs(A, r, 1e-12)
+
+
+def test_clustered_hessian_like_spectrum_has_no_spurious_copies():
+    # The hessian-eigenthings failure: near-copies of the top eigenvalue. Converged pairs
+    # must be the true eigenvalues, each once, with orthonormal vectors.
+    n = 400
+    g = torch.Generator().manual_seed(5)
+    bulk = torch.rand(n - 12, dtype=DT, generator=g) * 0.02
+    top = 0.2 + 0.005 * torch.rand(12, dtype=DT, generator=g)
+    ev = torch.cat([bulk, top])
+    A = rotated(ev)
+    r = lanczos_eigsh(torchcurv.MatrixOperator(A), k=10, tol=1e-6, seed=0)
+    assert r.all_converged
+    assert torch.allclose(r.eigenvalues, wanted(ev, 10, "LA"), rtol=1e-10, atol=0)
+    assert_true_eigenpairs(A, r, 1e-6)
+
+
+def test_repeated_eigenvalue_every_returned_pair_is_a_true_eigenpair():
+    # Single-vector Lanczos may miss copies of a repeated eigenvalue (documented); what it
+    # returns must still be eigenpairs, each eigenvalue no more often than its multiplicity.
+    n = 200
+    ev = torch.linspace(0, 1, n, dtype=DT)
+    ev[-3:] = 5.0
+    ev[-4] = 4.0
+    A = rotated(ev)
+    r = lanczos_eigsh(torchcurv.MatrixOperator(A), k=4, tol=1e-10, seed=0)
+    assert r.all_converged
+    assert_true_eigenpairs(A, r, 1e-10)
+    for value in r.eigenvalues.unique():
+        found = int((r.eigenvalues - value).abs().lt(1e-8).sum())
+        assert found <= int((ev - value).abs().lt(1e-8).sum())
+        assert bool((ev - value).abs().min() < 1e-8)
+
+
+def test_invariant_subspace_breakdown_continues_and_finds_all_copies():
+    # Three distinct eigenvalues: the Krylov space of any start vector is invariant after
+    # three steps. The search must go on with fresh directions, not stop or stall.
+    ev = torch.cat([torch.full((40,), v, dtype=DT) for v in (1.0, 2.0, 3.0)])
+    op = torchcurv.MatrixOperator(rotated(ev))
+    r = lanczos_eigsh(op, k=4, which="LA", tol=1e-10, seed=0)
+    assert r.all_converged
+    assert torch.allclose(r.eigenvalues, torch.full((4,), 3.0, dtype=DT),
+                          rtol=1e-10)
+
+
+def test_hessian_of_zoo_model_matches_explicit_hessian():
+    model, criterion, data = case("mlp_tanh", "ce")
+    H = torchcurv.HessianOperator(model, criterion, data)
+    expected = torch.linalg.eigvalsh(explicit_hessian(model, criterion, data))
+    for which in ("LA", "SA"):
+        r = lanczos_eigsh(H, k=3, which=which, tol=1e-8, seed=0)
+        assert r.all_converged
+        assert torch.allclose(r.eigenvalues, wanted(expected, 3, which), rtol=1e-7, atol=0)
+
+
+def test_same_seed_same_result_and_v0_overrides_seed():
+    op = torchcurv.MatrixOperator(rotated(indefinite_spectrum(150)))
+    a = lanczos_eigsh(op, k=4, tol=1e-8, seed=7)
+    b = lanczos_eigsh(op, k=4, tol=1e-8, seed=7)
+    assert torch.equal(a.eigenvalues, b.eigenvalues)
+    assert torch.equal(a.eigenvectors, b.eigenvectors)
+    assert a.num_matvecs == b.num_matvecs
+    v0 = torch.ones(op.n, dtype=DT)
+    c = lanczos_eigsh(op, k=4, tol=1e-8, seed=1, v0=v0)
+    d = lanczos_eigsh(op, k=4, tol=1e-8, seed=2, v0=v0)
+    assert torch.equal(c.eigenvectors, d.eigenvectors)
+    assert torch.allclose(a.eigenvalues, c.eigenvalues, rtol=1e-8)
+
+
+def test_float32_basis_for_float64_operator_reaches_float32_accuracy():
+    ev = indefinite_spectrum(300)
+    A = rotated(ev)
+    r = lanczos_eigsh(torchcurv.MatrixOperator(A), k=5, tol=1e-5, seed=0,
+                      basis_dtype=torch.float32)
+    assert r.info["basis_dtype"] == torch.float32
+    assert r.info["basis_bytes"] == r.info["ncv"] * 300 * 4
+    assert r.eigenvectors.dtype == DT
+    assert r.all_converged
+    assert torch.allclose(r.eigenvalues, wanted(ev, 5, "LA"), rtol=1e-6, atol=0)
+
+
+def test_streamed_basis_in_small_chunks_gives_the_same_eigenpairs(monkeypatch):
+    # A host-resident or other-dtype basis is streamed to the operator's device in chunks;
+    # force one basis vector per chunk (the n ~ 1e9 regime) and compare.
+    ev = indefinite_spectrum(120)
+    op = torchcurv.MatrixOperator(rotated(ev))
+    whole = lanczos_eigsh(op, k=3, tol=1e-5, seed=0, basis_dtype=torch.float32)
+    pieces = []
+    rows = krylov.KrylovBasis.rows
+    monkeypatch.setattr(krylov, "CHUNK_BYTES", 120 * 8)
+    monkeypatch.setattr(krylov.KrylovBasis, "rows", lambda self, a, b: pieces.append(b - a)
+                        or rows(self, a, b))
+    chunked = lanczos_eigsh(op, k=3, tol=1e-5, seed=0, basis_dtype=torch.float32)
+    assert max(pieces) == 1
+    assert chunked.all_converged
+    assert torch.allclose(chunked.eigenvalues, whole.eigenvalues, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_host_basis_for_gpu_operator():
+    ev = indefinite_spectrum(500)
+    op = torchcurv.MatrixOperator(rotated(ev).cuda())
+    r = lanczos_eigsh(op, k=5, tol=1e-9, seed=0, basis_device="cpu")
+    assert r.info["basis_device"] == torch.device("cpu")
+    assert r.eigenvectors.device.type == "cuda"
+    assert torch.allclose(r.eigenvalues, wanted(ev, 5, "LA"), rtol=1e-9, atol=0)
+    on_gpu = lanczos_eigsh(op, k=5, tol=1e-9, seed=0)
+    assert torch.allclose(r.eigenvalues, on_gpu.eigenvalues, rtol=1e-10)
+
+
+def test_maxiter_stops_and_reports_unconverged_pairs():
+    ev = torch.linspace(1, 1.001, 500, dtype=DT)  # no gaps to speak of
+    r = lanczos_eigsh(torchcurv.MatrixOperator(torch.diag(ev)), k=5, tol=1e-12, maxiter=1)
+    assert r.info["stop_reason"] == "maxiter" and r.info["restarts"] == 1
+    assert not r.all_converged
+    assert r.eigenvectors.shape == (500, 5)
+
+
+def test_callback_sees_every_restart_cycle():
+    seen = []
+    op = torchcurv.MatrixOperator(rotated(indefinite_spectrum(200)))
+    r = lanczos_eigsh(op, k=5, tol=1e-10, callback=seen.append)
+    assert [d["restart"] for d in seen] == list(range(r.info["restarts"] + 1))
+    assert seen[-1]["num_converged"] == 5
+    assert seen[-1]["num_matvecs"] == r.num_matvecs
+    assert seen[0]["ritz_values"].shape == (5,)
+
+
+def test_values_only_and_full_space():
+    ev = indefinite_spectrum(8)
+    op = torchcurv.MatrixOperator(rotated(ev))
+    r = lanczos_eigsh(op, k=7, which="SA", tol=1e-10, return_eigenvectors=False)
+    assert r.eigenvectors is None and bool(r.residuals.isnan().all())
+    assert r.all_converged
+    assert torch.allclose(r.eigenvalues, torch.sort(ev).values[:7], rtol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"k": 0}, ValueError, "1 <= k < n"),
+    ({"k": 50}, ValueError, "1 <= k < n"),
+    ({"k": 2.0}, TypeError, "k must be an int"),
+    ({"which": "LR"}, ValueError, "which must be one of"),
+    ({"ncv": 3}, ValueError, "ncv must be"),
+    ({"ncv": 51}, ValueError, "ncv must be"),
+    ({"tol": -1.0}, ValueError, "tol must be"),
+    ({"maxiter": 0}, ValueError, "maxiter"),
+    ({"v0": torch.ones(49, dtype=DT)}, ValueError, "v0 must have shape"),
+    ({"basis_dtype": torch.int32}, TypeError, "basis_dtype"),
+    ({"callback": 3}, TypeError, "callback"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    op = torchcurv.MatrixOperator(torch.eye(50, dtype=DT))
+    args = {"k": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        lanczos_eigsh(op, **args)
+
+
+def test_tensor_instead_of_operator_is_refused():
+    with pytest.raises(TypeError, match="MatrixOperator"):
+        lanczos_eigsh(torch.eye(5), k=1)

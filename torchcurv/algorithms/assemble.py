@@ -1,0 +1,125 @@
+"""Turning a backend's raw eigenpairs into an :class:`EigshResult` the same way everywhere.
+
+Backends hand over whatever their solver returned (NumPy, CuPy or torch; any order;
+possibly fewer pairs than asked for); this module sorts ascending, puts the vectors on
+the operator's device in its dtype, checks residuals and pads missing pairs with NaN.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchcurv.algorithms.result import EigshResult, converged_mask, residual_norms
+from torchcurv.errors import OperatorInputError
+from torchcurv.operators.base import LinearOperator
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device`` (a no-op on the CPU), so timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Wall-clock seconds on ``device``, synchronised at start and stop."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        synchronize(device)
+        self._start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter() - self._start
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """A torch view of a NumPy array, a DLPack array (CuPy) or a tensor."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_dlpack(x)
+
+
+def check_vector(v: Any, n: int, name: str) -> torch.Tensor:
+    """``v`` as a 1-D tensor of length ``n``; ``(n,)`` and ``(n, 1)`` are accepted."""
+    t = as_tensor(v)
+    if t.ndim == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.shape != (n,):
+        raise OperatorInputError(f"{name} has shape {tuple(t.shape)}; the operator needs ({n},)")
+    if not (t.is_floating_point() and torch.isfinite(t).all() and t.abs().max() > 0):
+        raise OperatorInputError(f"{name} must be a finite, nonzero, real vector")
+    return t
+
+
+def assemble_result(
+    op: LinearOperator,
+    eigenvalues: Any,
+    eigenvectors: Any | None,
+    *,
+    k: int,
+    backend: str,
+    which: str,
+    tol: float,
+    num_matvecs: int,
+    wall_time: float,
+    info: dict | None = None,
+    residuals: torch.Tensor | None = None,
+) -> EigshResult:
+    """Build the result from ``k' <= k`` found pairs.
+
+    Args:
+        op: the operator the pairs belong to (residuals use its ``matmat``, uncounted).
+        eigenvalues: ``(k',)`` in any order.
+        eigenvectors: ``(n, k')`` matching ``eigenvalues``, or ``None``.
+        residuals: ``(k',)`` already computed by the backend for these pairs (saves
+            the check's products); computed here from the vectors when ``None``.
+
+    The ``k - k'`` missing pairs become NaN eigenvalues (sorted last, as NumPy sorts NaN),
+    NaN eigenvector columns and ``converged=False``. Without vectors or residuals, each
+    found value counts as converged (the backend's own verdict) and residuals are NaN.
+    """
+    vals = as_tensor(eigenvalues).detach().to("cpu", torch.float64).reshape(-1)
+    found = vals.numel()
+    if found > k:
+        raise AssertionError(f"backend {backend!r} returned {found} eigenvalues for k={k}")
+    order = torch.argsort(vals)
+    vals = vals[order]
+    missing = k - found
+    nan = torch.full((missing,), float("nan"), dtype=torch.float64)
+    if residuals is not None:
+        residuals = residuals.to("cpu", torch.float64).reshape(-1)[order]
+    if eigenvectors is None:
+        vecs = None
+    else:
+        V = as_tensor(eigenvectors).detach().to(op.device, op.dtype)[:, order.to(op.device)]
+        if residuals is None and found:
+            residuals = residual_norms(op, vals, V)
+        pad = torch.full((op.n, missing), float("nan"), dtype=op.dtype, device=op.device)
+        vecs = torch.cat([V, pad], dim=1)
+    if residuals is None:
+        # No vectors to check: each found value carries the backend's own verdict.
+        res = torch.full((k,), float("nan"), dtype=torch.float64)
+        found_ok = torch.ones(found, dtype=torch.bool)
+    else:
+        res = torch.cat([residuals, nan])
+        found_ok = converged_mask(vals, residuals, tol)
+    converged = torch.cat([found_ok, torch.zeros(missing, dtype=torch.bool)])
+    return EigshResult(
+        eigenvalues=torch.cat([vals, nan]),
+        eigenvectors=vecs,
+        residuals=res,
+        converged=converged,
+        num_matvecs=int(num_matvecs),
+        wall_time=float(wall_time),
+        backend=backend,
+        which=which,
+        tol=float(tol),
+        info=dict(info or {}),
+    )

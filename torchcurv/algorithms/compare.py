@@ -1,0 +1,168 @@
+"""Run several eigsh backends on one operator and set their answers side by side."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchcurv.algorithms.eigsh import backend_function, check_arguments, eigsh
+from torchcurv.algorithms.result import EigshResult
+from torchcurv.errors import MissingExtraError
+from torchcurv.interop.reverse import from_linear_operator
+from torchcurv.operators.base import LinearOperator
+
+
+@dataclass
+class BackendRow:
+    """One backend's run.
+
+    Attributes:
+        backend: the backend's name.
+        result: its :class:`EigshResult`, or ``None`` if it could not run here.
+        error: why it could not run (``None`` if it ran).
+        eigenvalue_agreement: ``max_i |lambda_i - lambda_i^ref| / max_i |lambda_i^ref|``
+            against the reference row (0 for the reference itself; NaN if either has
+            NaN eigenvalues or the row failed).
+        max_relative_residual: ``max_i ||A v_i - lambda_i v_i|| / |lambda_i|`` (NaN
+            without vectors).
+    """
+
+    backend: str
+    result: EigshResult | None
+    error: str | None
+    eigenvalue_agreement: float
+    max_relative_residual: float
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "backend": self.backend,
+            "error": self.error,
+            "eigenvalues": None if r is None else r.eigenvalues.tolist(),
+            "eigenvalue_agreement": self.eigenvalue_agreement,
+            "max_relative_residual": self.max_relative_residual,
+            "converged": None if r is None else int(r.converged.sum()),
+            "k": None if r is None else len(r.eigenvalues),
+            "num_matvecs": None if r is None else r.num_matvecs,
+            "wall_time": None if r is None else r.wall_time,
+        }
+
+
+@dataclass
+class BackendComparison:
+    """Rows of :func:`compare_backends`, in the order run; ``str()`` is a table.
+
+    Attributes:
+        rows: one :class:`BackendRow` per backend.
+        reference: the backend the others are compared with (the first that ran).
+    """
+
+    rows: list[BackendRow]
+    reference: str | None
+
+    def __getitem__(self, backend: str) -> BackendRow:
+        for row in self.rows:
+            if row.backend == backend:
+                return row
+        raise KeyError(backend)
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [row.as_dict() for row in self.rows]
+
+    def __str__(self) -> str:
+        head = f"{'backend':<10} {'conv':>6} {'eig. agreement':>15} {'max res/|l|':>12} " \
+               f"{'matvecs':>8} {'time [s]':>9}"
+        lines = [head, "-" * len(head)]
+        for row in self.rows:
+            r = row.result
+            if r is None:
+                lines.append(f"{row.backend:<10} did not run: {row.error}")
+                continue
+            agree = "(reference)" if row.backend == self.reference else \
+                f"{row.eigenvalue_agreement:.2e}"
+            conv = f"{int(r.converged.sum())}/{len(r.converged)}"
+            lines.append(f"{row.backend:<10} {conv:>6} {agree:>15} "
+                         f"{row.max_relative_residual:>12.2e} {r.num_matvecs:>8} "
+                         f"{r.wall_time:>9.3f}")
+        ran = [row for row in self.rows if row.result is not None]
+        if ran:
+            lines += ["", "eigenvalues (ascending):",
+                      "  i " + "".join(f"{row.backend:>22}" for row in ran)]
+            for i in range(max(len(row.result.eigenvalues) for row in ran)):
+                cells = "".join(
+                    f"{row.result.eigenvalues[i].item():>22.14g}"
+                    if i < len(row.result.eigenvalues) else f"{'':>22}" for row in ran)
+                lines.append(f"{i:>3} {cells}")
+        return "\n".join(lines)
+
+
+def _agreement(values: torch.Tensor, reference: torch.Tensor) -> float:
+    if values.shape != reference.shape:
+        return math.nan
+    scale = float(reference.abs().max())
+    return float((values - reference).abs().max()) / (scale if scale > 0 else 1.0)
+
+
+def _max_relative_residual(r: EigshResult) -> float:
+    tiny = torch.finfo(torch.float64).tiny
+    return float((r.residuals / r.eigenvalues.abs().clamp_min(tiny)).max())
+
+
+def compare_backends(
+    op: Any,
+    k: int = 6,
+    which: str = "LA",
+    backends: Sequence[str] = ("arpack", "lobpcg"),
+    tol: float = 1e-6,
+    maxiter: int | None = None,
+    seed: int | None = 0,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> BackendComparison:
+    """Run :func:`torchcurv.eigsh` with each backend on ``op`` and compare the answers.
+
+    Args:
+        op, k, which, tol, maxiter, seed: as in :func:`torchcurv.eigsh`, the same for
+            every backend.
+        backends: backend names, run in this order; the first that runs is the
+            reference for eigenvalue agreement.
+        options: per-backend extra options, e.g. ``{"arpack": {"ncv": 40}}``.
+
+    A backend that cannot run here (CuPy not installed, an operator not on a GPU, a
+    ``which`` it does not serve) gets a row with its ``error`` instead of stopping the
+    comparison. Unknown backend names and arguments no backend accepts (``k >= n``,
+    ``tol <= 0``, ...) are an error before anything runs.
+
+    Returns:
+        A :class:`BackendComparison`; ``print(comparison)`` shows the table.
+    """
+    if not isinstance(op, LinearOperator):
+        op = from_linear_operator(op)
+    check_arguments(op, k, which, tol, maxiter, seed)
+    for name in backends:
+        backend_function(name)  # fail fast on unknown names
+    options = options or {}
+    unknown = set(options) - set(backends)
+    if unknown:
+        raise ValueError(f"options given for backends not compared: {sorted(unknown)}")
+    results: dict[str, EigshResult | str] = {}
+    for name in backends:
+        try:
+            results[name] = eigsh(op, k=k, which=which, backend=name, tol=tol,
+                                  maxiter=maxiter, seed=seed, **options.get(name, {}))
+        except (MissingExtraError, ValueError) as e:
+            results[name] = f"{type(e).__name__}: {e}"
+    reference = next((n for n in backends if isinstance(results[n], EigshResult)), None)
+    rows = []
+    for name in backends:
+        r = results[name]
+        if isinstance(r, str):
+            rows.append(BackendRow(name, None, r, math.nan, math.nan))
+            continue
+        ref = results[reference]
+        rows.append(BackendRow(name, r, None, _agreement(r.eigenvalues, ref.eigenvalues),
+                               _max_relative_residual(r)))
+    return BackendComparison(rows, reference)

@@ -1,0 +1,190 @@
+"""``torchcurv.eigsh``: one front door to every eigensolver backend.
+
+Backends are functions ``fn(op, *, k, which, tol, maxiter, seed, return_eigenvectors,
+**options) -> EigshResult`` listed by module path in :data:`BACKENDS` and imported on
+first use, so a backend whose module (or optional dependency) is absent costs nothing
+until asked for, and asking for it gives an error that lists what is available.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torchcurv.algorithms.result import EigshResult
+from torchcurv.interop.reverse import from_linear_operator
+from torchcurv.operators.base import LinearOperator
+
+WHICH = ("LA", "SA", "LM", "SM", "BE")
+"""Largest/smallest algebraic, largest/smallest magnitude, both ends (scipy's names)."""
+
+_COMMON = ("k", "which", "tol", "maxiter", "seed", "return_eigenvectors")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a backend lives and which ``which`` it serves (``None``: it checks itself)."""
+
+    module: str
+    function: str
+    which: tuple[str, ...] | None
+    summary: str
+
+
+BACKENDS: dict[str, Backend] = {
+    "arpack": Backend("torchcurv.algorithms.arpack", "arpack_eigsh", WHICH,
+                      "scipy ARPACK on the host, one vector per product"),
+    "lobpcg": Backend("torchcurv.algorithms.scipy_lobpcg", "lobpcg_eigsh", ("LA", "SA"),
+                      "scipy LOBPCG on the host, block products"),
+    "cupy": Backend("torchcurv.algorithms.cupy_lanczos", "cupy_eigsh", ("LA", "SA", "LM"),
+                    "CuPy thick-restart Lanczos on the GPU, zero-copy"),
+    "lanczos": Backend("torchcurv.algorithms.lanczos", "lanczos_eigsh", None,
+                       "torch restarted Lanczos on the operator's device"),
+    "block": Backend("torchcurv.algorithms.block", "block_eigsh", None,
+                     "torch block Krylov on the operator's device"),
+    "power": Backend("torchcurv.algorithms.power", "power_eigsh", None,
+                     "torch power iteration on the operator's device"),
+}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends whose module exists in this installation.
+
+    A listed backend may still need an optional package at call time ("cupy" needs
+    CuPy and a CUDA operator).
+    """
+    return [name for name, b in BACKENDS.items() if importlib.util.find_spec(b.module)]
+
+
+def backend_function(name: str) -> Callable[..., EigshResult]:
+    """The function implementing backend ``name``, imported now."""
+    spec = BACKENDS.get(name)
+    available = ", ".join(available_backends())
+    if spec is None:
+        raise ValueError(f"unknown eigsh backend {name!r}; available: {available}")
+    if importlib.util.find_spec(spec.module) is None:
+        raise ValueError(
+            f"eigsh backend {name!r} is not part of this installation (no module "
+            f"{spec.module}); available: {available}"
+        )
+    return getattr(importlib.import_module(spec.module), spec.function)
+
+
+def eigsh(
+    op: Any,
+    k: int = 6,
+    which: str = "LA",
+    backend: str = "arpack",
+    tol: float = 1e-6,
+    maxiter: int | None = None,
+    seed: int | None = None,
+    return_eigenvectors: bool = True,
+    **backend_options: Any,
+) -> EigshResult:
+    """``k`` eigenpairs of a symmetric operator, by the backend of your choice.
+
+    Args:
+        op: a torchcurv operator, or anything :func:`torchcurv.from_linear_operator`
+            accepts (a matrix, a scipy or curvlinops operator).
+        k: number of eigenpairs, ``1 <= k < n``.
+        which: 'LA' largest algebraic (default: the top of a Hessian's spectrum),
+            'SA' smallest algebraic, 'LM'/'SM' largest/smallest magnitude, 'BE' half
+            from each end. Backends serve subsets: arpack all; cupy LA, SA, LM;
+            lobpcg LA, SA.
+        backend: "arpack" (default), "lobpcg", "cupy", or the torch backends
+            "lanczos", "block", "power" where installed (:func:`available_backends`).
+        tol: relative residual asked for, ``||A v - lambda v|| <= tol * |lambda|``; the
+            result's ``converged`` flags check exactly this after the solve.
+        maxiter: the backend's iteration limit (its own default when ``None``).
+        seed: seed of the random start vector(s); the same seed gives the same run.
+        return_eigenvectors: ``False`` returns eigenvalues only (residuals NaN).
+        **backend_options: passed to the backend (e.g. ``ncv``, ``v0`` for arpack;
+            ``block_size`` for lobpcg); unknown names are an error.
+
+    Returns:
+        :class:`~torchcurv.algorithms.result.EigshResult` with eigenvalues ascending
+        (scipy's order) for every backend and every ``which``.
+
+    Backends grown from one start vector (arpack, cupy) see one direction per distinct
+    eigenvalue, so an exactly repeated eigenvalue may be returned fewer times than its
+    multiplicity (its place taken by the next eigenvalue; every pair returned is still
+    a true eigenpair). Block backends (lobpcg) do not have this limitation.
+
+    Raises:
+        ValueError: bad ``k``/``which``/``tol``/``maxiter``/``backend``, a ``which`` the
+            backend does not serve, or ``sigma=`` (shift-invert is not offered).
+        TypeError: an option the backend does not take.
+    """
+    if not isinstance(op, LinearOperator):
+        op = from_linear_operator(op)
+    fn = backend_function(backend)
+    check_arguments(op, k, which, tol, maxiter, seed)
+    _check_backend_serves(backend, which)
+    if "sigma" in backend_options:
+        raise ValueError(_NO_SHIFT_INVERT)
+    _check_options(fn, backend, backend_options)
+    return fn(op, k=k, which=which, tol=tol, maxiter=maxiter, seed=seed,
+              return_eigenvectors=return_eigenvectors, **backend_options)
+
+
+def check_arguments(
+    op: LinearOperator, k: int, which: str, tol: float, maxiter: int | None, seed: int | None
+) -> None:
+    """Raise a clear error for arguments no backend could accept."""
+    n = op.n
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k < n:
+        raise ValueError(
+            f"k={k} eigenpairs of an n={n} operator: need 1 <= k < n (ARPACK and Lanczos "
+            "need k < n; for all n eigenpairs use torch.linalg.eigh(op.to_dense()))"
+        )
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(
+            f"tol must be a positive relative tolerance, got {tol!r} (scipy's tol=0 for "
+            "'machine precision' has no relative meaning here; use e.g. 1e-12 in float64)"
+        )
+    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int)
+                                or maxiter < 1):
+        raise ValueError(f"maxiter must be None or a positive int, got {maxiter!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be None or an int, got {seed!r}")
+
+
+def _check_backend_serves(backend: str, which: str) -> None:
+    served = BACKENDS[backend].which
+    if served is not None and which not in served:
+        others = [b for b, s in BACKENDS.items() if s.which and which in s.which]
+        raise ValueError(
+            f"backend {backend!r} finds which in {served}, not {which!r}; "
+            f"backends for {which!r}: {', '.join(others)}"
+        )
+
+
+_NO_SHIFT_INVERT = (
+    "shift-invert (sigma=) is not offered by torchcurv.eigsh: it needs solves with "
+    "A - sigma*I, which a curvature operator only gives by an inner iterative solve per "
+    "step. For eigenvalues near sigma, call scipy.sparse.linalg.eigsh("
+    "torchcurv.as_linear_operator(op), sigma=...) (scipy then runs GMRES inside), or use "
+    "which='LA'/'SA' for the ends of the spectrum"
+)
+
+
+def _check_options(fn: Callable, backend: str, options: dict) -> None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p in params if p not in _COMMON and p != "op"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"backend {backend!r} takes no option(s) {unknown}; its options: "
+            f"{', '.join(accepted) or 'none'}"
+        )

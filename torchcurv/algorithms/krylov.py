@@ -1,0 +1,233 @@
+"""The one (block) Lanczos recurrence that torchcurv's Krylov methods share.
+
+:class:`KrylovBasis` holds ``b`` independent Krylov bases (``b = 1`` for the eigensolvers,
+``b`` = number of probes for stochastic Lanczos quadrature, whose probes then share each
+operator call) and the projected matrices ``T = Q^T A Q``. One step applies the operator
+to a block of ``p`` basis vectors (``p = 1``: plain Lanczos; ``p > 1``: block Lanczos),
+orthogonalizes the product against *every* stored basis vector with classical
+Gram-Schmidt run twice (CGS2, which keeps the basis orthogonal to working precision
+(Giraud et al. 2005), so no spurious copies of converged Ritz values appear) and turns it
+into the next block with a Householder QR.
+
+Layout and memory: the basis is a ``(b, m, n)`` tensor (basis vectors are rows, like
+CuPy's ``(ncv, n)``) of ``basis_dtype`` on ``basis_device``; that is the peak memory,
+``b * m * n * itemsize`` bytes, plus a few ``(b, p, n)`` work blocks on the operator's
+device. Arithmetic runs on the operator's device in ``compute_dtype`` = the wider of the
+operator's and the basis' dtypes (at least float32). When the basis lives elsewhere or in
+another dtype, it is streamed to the operator's device in chunks of at most
+``CHUNK_BYTES``, so a host-resident basis never needs device memory of its own size.
+``T`` is float64 on the CPU (it is tiny).
+
+Breakdown: when a new direction has (numerically) no component outside the basis, an
+invariant subspace has been found; that direction is replaced by a random vector
+orthogonal to the basis with zero coupling in ``T``. For eigensolvers this lets the
+search continue into the rest of the space; for quadrature the decoupled part of ``T``
+has Ritz vectors with zero first component, so it carries no weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_BYTES = 256 * 2**20
+"""Largest piece of a streamed basis (host-resident or other-dtype) on the device at once."""
+
+
+class KrylovBasis:
+    """``b`` orthonormal Krylov bases of up to ``m`` vectors of length ``n``, and ``T``.
+
+    Args:
+        op: the symmetric operator (torchcurv ``LinearOperator`` contract).
+        b: number of independent bases (one per start vector/probe).
+        m: basis vectors per basis (``ncv``).
+        basis_dtype, basis_device: where the basis is stored (default: the operator's).
+        generator: CPU generator for breakdown replacements (determinism).
+    """
+
+    def __init__(
+        self,
+        op,
+        b: int,
+        m: int,
+        *,
+        basis_dtype: torch.dtype | None = None,
+        basis_device: torch.device | str | None = None,
+        generator: torch.Generator,
+    ) -> None:
+        self.op = op
+        self.b, self.m, self.n = b, m, op.n
+        basis_dtype = op.dtype if basis_dtype is None else basis_dtype
+        if not isinstance(basis_dtype, torch.dtype) or not basis_dtype.is_floating_point:
+            raise TypeError(f"basis_dtype must be a floating torch.dtype, got {basis_dtype!r}")
+        basis_device = op.device if basis_device is None else torch.device(basis_device)
+        self.device = op.device
+        self.compute_dtype = torch.promote_types(
+            torch.promote_types(op.dtype, basis_dtype), torch.float32
+        )
+        self.basis = torch.zeros(b, m, self.n, dtype=basis_dtype, device=basis_device)
+        self.T = torch.zeros(b, m, m, dtype=torch.float64)
+        self.generator = generator
+        self.anorm = 0.0  # running lower bound on ||A||, scales the breakdown test
+        self._streamed = basis_dtype != self.compute_dtype or basis_device != self.device
+        itemsize = torch.finfo(self.compute_dtype).bits // 8
+        self._rows_per_chunk = max(1, CHUNK_BYTES // (b * self.n * itemsize))
+
+    # -- moving the basis to where the arithmetic happens ----------------------------
+    @property
+    def basis_bytes(self) -> int:
+        return self.basis.numel() * self.basis.element_size()
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Basis rows ``[start, stop)`` as ``(b, stop - start, n)`` compute-dtype tensor."""
+        return self.basis[:, start:stop].to(self.device, self.compute_dtype)
+
+    def _row_chunks(self, count: int):
+        step = self._rows_per_chunk if self._streamed else max(count, 1)
+        for start in range(0, count, step):
+            yield start, self.rows(start, min(start + step, count))
+
+    def set_rows(self, start: int, block: torch.Tensor) -> None:
+        self.basis[:, start:start + block.shape[1]] = block.to(self.basis.device,
+                                                               self.basis.dtype)
+
+    # -- the recurrence --------------------------------------------------------------
+    def apply(self, X: torch.Tensor) -> torch.Tensor:
+        """``A`` applied to every row of ``X`` (``(b, p, n)``) in one ``matmat``."""
+        b, p, n = X.shape
+        Y = self.op.matmat(X.reshape(b * p, n).T.to(self.op.dtype))
+        Y = Y.T.reshape(b, p, n).to(self.compute_dtype)
+        self.anorm = max(self.anorm, float(Y.double().norm(dim=-1).max()))
+        return Y
+
+    def orthogonalize(self, W: torch.Tensor, count: int) -> torch.Tensor:
+        """``W`` (``(b, p, n)``) minus its components along basis rows ``[0, count)``.
+
+        Classical Gram-Schmidt, twice; a streamed basis is processed chunk by chunk
+        (block modified Gram-Schmidt between chunks, at least as stable).
+        """
+        for _ in range(2):
+            for _, Q in self._row_chunks(count):
+                W = W - (W @ Q.transpose(1, 2)) @ Q
+        return W
+
+    def step(self, pos: int, p: int) -> torch.Tensor:
+        """One block step from rows ``[pos, pos + p)``; returns the new directions.
+
+        Sets the diagonal block ``T[pos:pos+p, pos:pos+p] = Q_j^T A Q_j`` and returns
+        ``A Q_j`` orthogonalized against rows ``[0, pos + p)`` (``(b, p, n)``). The
+        couplings to earlier rows (the tridiagonal or thick-restart arrow entries) are
+        already in ``T``; orthogonalizing against all rows is the full
+        reorthogonalization.
+        """
+        X = self.rows(pos, pos + p)
+        W = self.apply(X)
+        D = (X @ W.transpose(1, 2)).double().cpu()
+        self.T[:, pos:pos + p, pos:pos + p] = (D + D.transpose(1, 2)) / 2
+        return self.orthogonalize(W, pos + p)
+
+    def block_qr(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Householder ``W^T = Q^T R`` per basis, ``R`` with nonnegative diagonal.
+
+        Returns ``Q`` (``(b, p, n)`` compute dtype), ``R`` (``(b, p, p)`` float64, CPU,
+        upper triangular: ``W[j] = sum_i R[i, j] Q[i]``) and a ``(b, p)`` bool mask of
+        numerically dependent columns (breakdown).
+        """
+        Qt, R = torch.linalg.qr(W.transpose(1, 2))
+        sign = torch.where(torch.diagonal(R, dim1=1, dim2=2) < 0, -1.0, 1.0).to(R.dtype)
+        Qt, R = Qt * sign[:, None, :], R * sign[:, :, None]
+        R = R.double().cpu()
+        dependent = torch.diagonal(R, dim1=1, dim2=2) <= self._breakdown_threshold()
+        return Qt.transpose(1, 2), R, dependent
+
+    def _breakdown_threshold(self) -> float:
+        # Directions below this are rounding noise of the products that made them.
+        return 100 * torch.finfo(self.compute_dtype).eps * max(self.anorm, 1e-300)
+
+    def next_block(self, W: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Orthonormal next block ``Q`` and coupling ``R`` (``W[j] = sum_i R[i, j] Q[i]``)
+        from directions ``W`` (``(b, p, n)``) orthogonal to basis rows ``[0, count)``.
+
+        Dependent directions (breakdown) become random unit vectors orthogonal to rows
+        ``[0, count)`` and to the rest of the block, with zero coupling.
+        """
+        Q, R, dependent = self.block_qr(W)
+        if not bool(dependent.any()):
+            return Q, R
+        if count + W.shape[1] > self.n:
+            raise RuntimeError(
+                f"a Krylov basis of {count} vectors cannot grow by {W.shape[1]} in n={self.n}"
+            )
+        # Rare path: Householder Q columns after a dependent one need not stay orthogonal
+        # to the basis, so redo the block column by column.
+        Q, R = torch.zeros_like(W), torch.zeros_like(R)
+        threshold = self._breakdown_threshold()
+        for i in range(self.b):
+            for j in range(W.shape[1]):
+                v = W[i, j]
+                for _ in range(2):
+                    c = Q[i, :j] @ v
+                    v = v - c @ Q[i, :j]
+                    R[i, :j, j] += c.double().cpu()
+                r = float(v.double().norm())
+                if r <= threshold:
+                    R[i, j, j] = 0.0
+                    Q[i, j] = self._random_orthogonal(i, count, Q[i, :j])
+                else:
+                    R[i, j, j] = r
+                    Q[i, j] = v / r
+        return Q, R
+
+    def _random_orthogonal(self, i: int, count: int, others: torch.Tensor) -> torch.Tensor:
+        """A random unit vector orthogonal to rows ``[0, count)`` of basis ``i`` and to
+        the rows of ``others``."""
+        z = torch.randn(self.n, dtype=torch.float64, generator=self.generator)
+        full = torch.zeros(self.b, 1, self.n, dtype=self.compute_dtype, device=self.device)
+        full[i, 0] = z.to(self.device, self.compute_dtype)
+        for _ in range(2):
+            full = self.orthogonalize(full, count)
+            full[i, 0] -= (others @ full[i, 0]) @ others
+        v = full[i, 0]
+        return v / v.norm()
+
+    def extend(self, pos: int, stop: int, p: int) -> tuple[int, torch.Tensor]:
+        """Block Lanczos steps from the block at rows ``[pos, pos + p)``.
+
+        Steps while the next block fits below row ``stop``, storing each new block and
+        its coupling ``R`` in ``T``. Returns the position of the last block stepped from
+        and its (unstored) new directions ``F`` (``(b, p, n)``), which satisfy
+        ``A Q = Q T + F E^T`` with ``Q`` the rows ``[0, last + p)``.
+        """
+        while True:
+            F = self.step(pos, p)
+            if pos + 2 * p > stop:
+                return pos, F
+            Q, R = self.next_block(F, pos + p)
+            self.set_rows(pos + p, Q)
+            self.T[:, pos + p:pos + 2 * p, pos:pos + p] = R
+            self.T[:, pos:pos + p, pos + p:pos + 2 * p] = R.transpose(1, 2)
+            pos += p
+
+    # -- combining basis vectors -----------------------------------------------------
+    def combine(self, Y: torch.Tensor, count: int) -> torch.Tensor:
+        """``Y^T Q`` for coefficients ``Y`` (``(b, count, r)``): ``(b, r, n)`` on the
+        operator's device in compute dtype (Ritz vectors)."""
+        Y = Y.to(self.device, self.compute_dtype)
+        out = torch.zeros(self.b, Y.shape[2], self.n, dtype=self.compute_dtype,
+                          device=self.device)
+        for start, Q in self._row_chunks(count):
+            out += Y[:, start:start + Q.shape[1]].transpose(1, 2) @ Q
+        return out
+
+    def replace_leading(self, Y: torch.Tensor, count: int) -> None:
+        """Rows ``[0, r)`` become ``Y^T`` rows ``[0, count)`` (thick restart), in place.
+
+        Works on column slices so no second basis-sized tensor is ever allocated.
+        """
+        r = Y.shape[2]
+        Yt = Y.transpose(1, 2).to(self.device, self.compute_dtype)
+        itemsize = torch.finfo(self.compute_dtype).bits // 8
+        cols = max(1, CHUNK_BYTES // (self.b * count * itemsize))
+        for start in range(0, self.n, cols):
+            piece = self.basis[:, :count, start:start + cols].to(self.device, self.compute_dtype)
+            self.basis[:, :r, start:start + cols] = (Yt @ piece).to(self.basis.device,
+                                                                     self.basis.dtype)

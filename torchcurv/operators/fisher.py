@@ -1,0 +1,150 @@
+"""The empirical Fisher and the Monte-Carlo Fisher of the data set's loss.
+
+Conventions (curvlinops' ``EFLinearOperator`` / ``FisherMCLinearOperator``): write the
+data set's loss ``L = c sum_r s_r`` with ``s_r`` the loss terms of sample ``r`` (a row of
+``(N, C)`` logits, a token of ``(N, C, T)`` logits, the last axis of other outputs; see
+:mod:`torchcurv.losses.layout`), ``c = 1 / (number of loss terms)`` for ``"mean"`` and
+``1`` for ``"sum"``. Then ``EF = c sum_r ∇s_r ∇s_rᵀ``; e.g. for ``MSELoss`` a sample's
+``s_r`` sums its ``K`` squared errors and ``c = 1 / (N K)``.
+
+Differences from curvlinops 3.0.1: ``c`` counts loss terms as the criterion does, so
+``ignore_index`` targets and class weights are exact (curvlinops divides by the row
+count); the Monte-Carlo Fisher multiplies each sampled gradient by the square root of its
+sample's loss-Hessian factor (zero for ignored targets, class and ``pos_weight``), so
+its expectation is the GGN also then; BCE targets need not be binary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchcurv.losses.fisher import (
+    SAMPLEABLE,
+    empirical_fisher_factors,
+    monte_carlo_fisher_factors,
+)
+from torchcurv.objectives import Objective
+from torchcurv.operators.curvature import BatchLosses
+from torchcurv.operators.output_space import OutputSpaceOperator
+
+Batch = Any
+
+
+class EmpiricalFisherOperator(OutputSpaceOperator):
+    """``EF = c sum_r ∇s_r ∇s_rᵀ``: per-sample gradient outer products (see module doc).
+
+    Computed as ``Jᵀ (g gᵀ) J`` per sample in output space, never materialising
+    per-sample parameter gradients: the cost of a GGN product (see
+    :class:`~torchcurv.GGNOperator`). Works with any criterion or
+    :class:`~torchcurv.Objective` whose batch loss is a sum over samples.
+
+    Args:
+        model, criterion, data, params, param_filter, jvp, check_deterministic,
+            process_group, distributed, debug_distributed, microbatch_size: see
+            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    """
+
+    def _output_curvature(self, output, batch, scale):
+        # scale = w_b / W for "mean", so the batch's loss-term count is scale * W
+        weight = scale * self.total_weight if self.objective.reduction == "mean" else 1.0
+        return empirical_fisher_factors(self.objective, output, batch, scale * weight)
+
+
+class MCFisherOperator(OutputSpaceOperator):
+    """Monte-Carlo Fisher: ``c sum_r Jᵀ (1/S sum_k g_rk g_rkᵀ) J`` with ``g`` sampled.
+
+    With several ranks (``distributed``) every rank restarts from the same seed and
+    draws for its own shard.
+
+    Labels are drawn per sample from the model's predictive distribution (categorical for
+    ``CrossEntropyLoss``, Bernoulli for ``BCEWithLogitsLoss``, ``N(f, I/2)`` for
+    ``MSELoss``) and ``g`` is the output gradient of the negative log-likelihood,
+    weighted so that ``E[g gᵀ]`` is the sample's loss Hessian: the expectation is the
+    GGN, and the error falls like ``1/sqrt(mc_samples)``.
+
+    The operator is a fixed matrix: every product restarts the random stream from
+    ``seed`` (or from the state ``generator`` had at construction), so all products, and
+    all columns of a block, see the same labels.
+
+    Args:
+        model, criterion, data, params, param_filter, jvp, check_deterministic,
+            process_group, distributed, debug_distributed, microbatch_size: see
+            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+        mc_samples: labels drawn per sample and product.
+        seed: seeds a ``torch.Generator`` on the operator's device.
+        generator: alternatively, a generator on that device whose current state is used
+            (the generator itself is never advanced).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module | Objective,
+        data: Iterable[Batch],
+        *,
+        params: Iterable[torch.Tensor] | None = None,
+        param_filter: str | Sequence[str] | None = None,
+        mc_samples: int = 1,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        jvp: str = "forward",
+        check_deterministic: bool = True,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        debug_distributed: bool = False,
+        microbatch_size: int | None = None,
+    ) -> None:
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        self.mc_samples = mc_samples
+        self.seed = int(seed)
+        super().__init__(
+            model, criterion, data, params=params, param_filter=param_filter, jvp=jvp,
+            check_deterministic=check_deterministic, process_group=process_group,
+            distributed=distributed, debug_distributed=debug_distributed,
+            microbatch_size=microbatch_size,
+        )
+        crit = self.objective.criterion
+        if not isinstance(crit, SAMPLEABLE) or self.objective.targets is None:
+            raise TypeError(
+                f"the Monte-Carlo Fisher needs a criterion with a known predictive "
+                f"distribution ({[c.__name__ for c in SAMPLEABLE]}), got "
+                f"{type(crit).__name__ if crit is not None else 'an Objective without one'}"
+            )
+        self._state = None
+        if generator is not None:
+            if torch.device(generator.device).type != self.device.type:
+                raise ValueError(
+                    f"generator is on {generator.device}, the operator on {self.device}"
+                )
+            self._state = generator.get_state()
+        self._rng: torch.Generator | None = None
+
+    def fresh_generator(self) -> torch.Generator:
+        """A generator in the state every product starts from."""
+        rng = torch.Generator(device=self.device)
+        if self._state is not None:
+            rng.set_state(self._state)
+        else:
+            rng.manual_seed(self.seed)
+        return rng
+
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
+        self._rng = self.fresh_generator()
+        try:
+            return super()._local_matmat(V)
+        finally:
+            self._rng = None
+
+    def _output_curvature(self, output, batch, scale):
+        with torch.no_grad():
+            loss = self.objective.loss(output, batch)
+        factors = monte_carlo_fisher_factors(
+            self.objective.criterion, output, self.objective.targets(batch), scale,
+            self.mc_samples, self._rng,
+        )
+        return loss, factors

@@ -1,0 +1,41 @@
+"""The generalised Gauss-Newton matrix of the data set's loss."""
+
+from __future__ import annotations
+
+import torch
+
+from torchcurv.losses.hessians import objective_loss_hessian
+from torchcurv.operators.output_space import OutputSpaceOperator
+
+
+class GGNOperator(OutputSpaceOperator):
+    """``G = sum_b Jᵀ_b (scale_b ∇²_f loss_b) J_b``: the Hessian with the model linearised.
+
+    ``J_b`` is the Jacobian of batch ``b``'s output, ``∇²_f loss_b`` the criterion's
+    Hessian in the output, ``scale_b`` the batch's share of the data set's loss (as for
+    :class:`~torchcurv.HessianOperator`), so ``G`` is the GGN of
+    ``criterion(model(cat X), cat y)``. Loss Hessians are closed form for
+    ``CrossEntropyLoss`` (class weights, ``ignore_index``, label smoothing, probability
+    targets, ``(N, C)`` and ``(N, C, d1, ...)`` logits), ``MSELoss`` and
+    ``BCEWithLogitsLoss``; double backward through the loss alone for any other
+    criterion or :class:`~torchcurv.Objective`. PSD whenever the loss is convex in the
+    output.
+
+    Cost per batch for a block of ``m`` vectors, against one gradient (one forward, one
+    backward): one forward that records the graph, ``J V`` (``jvp="forward"``: ``m``
+    batched tangent passes, about one forward each; ``"double_vjp"``: one backward with
+    ``create_graph`` plus its ``m`` batched backwards; ``"finite_difference"``: ``2 m``
+    no-grad forwards), an output-space product, and one batched backward for ``Jᵀ``.
+    For ``m = 1`` that is about two gradients' worth with ``"forward"`` and
+    ``"finite_difference"``, three with ``"double_vjp"``.
+
+    Args:
+        model, criterion, data, params, param_filter, jvp, check_deterministic,
+            process_group, distributed, debug_distributed, microbatch_size: see
+            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    """
+
+    def _output_curvature(self, output, batch, scale):
+        with torch.no_grad():
+            loss = self.objective.loss(output, batch)
+        return loss, objective_loss_hessian(self.objective, output, batch, scale)
