@@ -56,6 +56,12 @@ def _check_products(rank, results):
                 assert err < tol, (model_name, wrap, name, err)
                 results.append((model_name, wrap, name, err))
                 assert all(p.grad is None for p in model.parameters()), "DDP hooks fired"
+        for name, op in _operators(model, criterion, shard, microbatch_size=2):
+            V = torch.randn(op.n, 2, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(1))
+            err = rel(op.matmat(V), local[name].matmat(V))
+            assert err < (1e-6 if name.endswith("-fd") else 1e-10), (model_name, "micro", name, err)
+            results.append((model_name, "microbatch_size=2", name, err))
         eig = torch.linalg.eigvalsh(dict(_operators(model, criterion, shard))["hessian"].to_dense())
         assert rel(eig, torch.linalg.eigvalsh(local["hessian"].to_dense())) < 1e-10
 

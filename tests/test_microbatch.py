@@ -22,6 +22,55 @@ def test_microbatched_products_equal_unsplit_ones(model_name, reduction, size):
     assert split.total_weight == torchcurv.HessianOperator(model, criterion, data).total_weight
 
 
+OUTPUT_SPACE = ["GGNOperator", "EmpiricalFisherOperator"]
+
+
+@pytest.mark.parametrize("operator", OUTPUT_SPACE)
+@pytest.mark.parametrize("jvp", ["forward", "finite_difference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_output_space_operators_microbatch_to_the_same_matrix(operator, jvp, reduction):
+    model, criterion, data = case("mlp_tanh", "ce", reduction, sizes=(5, 3, 2))
+    data[0][1][:2] = -100  # unequal loss-term counts per microbatch
+    cls = getattr(torchcurv, operator)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=DT,
+                    generator=torch.Generator().manual_seed(0))
+    whole = cls(model, criterion, data, jvp=jvp).matmat(V)
+    split = cls(model, criterion, data, jvp=jvp, microbatch_size=2).matmat(V)
+    assert rel(split, whole) < (1e-8 if jvp == "finite_difference" else 1e-12)
+
+
+def test_mc_fisher_microbatches_are_the_batches_split_beforehand():
+    """Labels are drawn per microbatch in data order, as for data already split."""
+    model, criterion, data = case("mlp_tanh", "ce", sizes=(4, 2))
+    pre_split = [piece for batch in data for piece in split_batch(batch, 2)]
+    kw = {"mc_samples": 3, "seed": 5}
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=DT,
+                    generator=torch.Generator().manual_seed(1))
+    split = torchcurv.MCFisherOperator(model, criterion, data, microbatch_size=2, **kw)
+    expected = torchcurv.MCFisherOperator(model, criterion, pre_split, **kw)
+    assert rel(split.matmat(V), expected.matmat(V)) < 1e-13
+
+
+def test_cached_weights_keep_products_free_of_weight_counting():
+    """With check_deterministic the microbatch weights are counted once, at construction."""
+    model, nn_criterion, data = case("mlp_tanh", "ce")
+    counts = {"n": 0}
+
+    def weight(batch):
+        counts["n"] += 1
+        return batch[1].numel()
+
+    objective = torchcurv.Objective(forward=lambda m, b: m(b[0]),
+                                    loss=lambda out, b: nn_criterion(out, b[1]), weight=weight)
+    op = torchcurv.GGNOperator(model, objective, data, microbatch_size=2)
+    before = counts["n"]
+    op @ torch.ones(op.n, dtype=DT)
+    assert counts["n"] == before
+    unchecked = torchcurv.GGNOperator(model, objective, data, microbatch_size=2,
+                                      check_deterministic=False)
+    assert rel(unchecked @ torch.ones(op.n, dtype=DT), op @ torch.ones(op.n, dtype=DT)) < 1e-13
+
+
 def test_microbatches_are_weighted_by_their_own_loss_terms():
     # ignore_index targets make the microbatches' loss-term counts unequal
     model, _, data = case("mlp_tanh", "ce", sizes=(6, 4))
@@ -98,9 +147,10 @@ def test_bad_microbatch_sizes_and_batches_are_refused_by_name():
         torchcurv.HessianOperator(model, unweighted, data, microbatch_size=2)
 
 
-def test_nan_is_reported_with_the_batch_index_not_the_microbatch_index():
+@pytest.mark.parametrize("operator", ["HessianOperator", "GGNOperator"])
+def test_nan_is_reported_with_the_batch_index_not_the_microbatch_index(operator):
     model, criterion, data = case("mlp_tanh", "ce")
-    H = torchcurv.HessianOperator(model, criterion, data, microbatch_size=1)
+    H = getattr(torchcurv, operator)(model, criterion, data, microbatch_size=1)
     data[1][0][2, 0] = float("nan")
     with pytest.raises(torchcurv.NonFiniteLossError, match=r"batch\(es\) \[1\]"):
         H @ torch.randn(H.n, dtype=DT)

@@ -62,6 +62,7 @@ def causal_lm_objective() -> Objective:
         loss=lambda rows, batch: criterion(at_least_float32(rows), targets(batch)),
         weight=lambda batch: count_targets(targets(batch)),
         criterion=criterion,
+        targets=targets,
     )
 
 
@@ -99,6 +100,7 @@ def seq2seq_lm_objective() -> Objective:
         loss=lambda rows, batch: criterion(at_least_float32(rows), targets(batch)),
         weight=lambda batch: count_targets(targets(batch)),
         criterion=criterion,
+        targets=targets,
     )
 
 
@@ -129,10 +131,13 @@ def sequence_classification_objective(
         criterion: nn.Module = nn.CrossEntropyLoss()
 
         def loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-            return criterion(at_least_float32(logits), _require(batch, "labels").reshape(-1))
+            return criterion(at_least_float32(logits), targets(batch))
 
         def weight(batch: Batch) -> torch.Tensor:
             return count_targets(_require(batch, "labels"))
+
+        def targets(batch: Batch) -> torch.Tensor:
+            return _require(batch, "labels").reshape(-1)
     else:
         criterion = nn.BCEWithLogitsLoss() if problem_type.startswith("multi") else nn.MSELoss()
 
@@ -149,7 +154,12 @@ def sequence_classification_objective(
         def weight(batch: Batch) -> float:
             return float(_require(batch, "labels").numel())
 
-    return Objective(forward=forward, loss=loss, weight=weight, criterion=criterion)
+        # labels are reshaped to the logits inside the loss: no closed form, autograd's
+        # loss Hessian (cheap: (B, C) outputs)
+        return Objective(forward=forward, loss=loss, weight=weight)
+
+    return Objective(forward=forward, loss=loss, weight=weight, criterion=criterion,
+                     targets=targets)
 
 
 def _model_inputs(batch: Batch) -> dict[str, Any]:

@@ -52,6 +52,7 @@ def transformer_lens_objective() -> Objective:
         loss=lambda rows, batch: criterion(at_least_float32(rows), targets(batch)),
         weight=lambda batch: count_targets(targets(batch)),
         criterion=criterion,
+        targets=targets,
     )
 
 
