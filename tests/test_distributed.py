@@ -75,6 +75,13 @@ def check_products(rank):
                 assert rel(product, local[name].matmat(V)) < tol, (model_name, wrap, name)
                 _same_on_all_ranks(product, f"{model_name}/{wrap}/{name}")
                 assert all(p.grad is None for p in model.parameters()), "DDP hooks fired"
+        for name, op in _operators(model, criterion, shard, microbatch_size=2):
+            V = torch.randn(op.n, 2, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(1))
+            tol = 1e-6 if name.endswith("-fd") else 1e-10
+            product = op.matmat(V)
+            assert rel(product, local[name].matmat(V)) < tol, (model_name, "micro", name)
+            _same_on_all_ranks(product, f"{model_name}/microbatch_size=2/{name}")
 
 
 def check_mc_fisher(rank):

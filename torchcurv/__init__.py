@@ -14,7 +14,14 @@ from torchcurv.errors import (
 )
 from torchcurv.interop import as_cupy_linear_operator, as_linear_operator, from_linear_operator
 from torchcurv.kernels import ce_hessian_matmat, cross_entropy_row_weights
+from torchcurv.models import (
+    causal_lm_objective,
+    seq2seq_lm_objective,
+    sequence_classification_objective,
+    transformer_lens_objective,
+)
 from torchcurv.objectives import Objective, supervised
+from torchcurv.operators.attention import differentiable_attention
 from torchcurv.operators.base import LinearOperator, ParameterOperator
 from torchcurv.operators.curvature import CurvatureOperator
 from torchcurv.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
@@ -46,14 +53,19 @@ __all__ = [
     "ValidationReport",
     "as_cupy_linear_operator",
     "as_linear_operator",
+    "causal_lm_objective",
     "ce_hessian_matmat",
     "compare_backends",
     "cross_entropy_row_weights",
     "diagonal",
+    "differentiable_attention",
     "eigsh",
     "from_linear_operator",
+    "seq2seq_lm_objective",
+    "sequence_classification_objective",
     "spectral_density",
     "supervised",
     "trace",
+    "transformer_lens_objective",
     "validate",
 ]

@@ -1,12 +1,9 @@
 """Loss curvature in the model's output space: closed-form Hessians and Fisher factors."""
 
+from torchcurv.kernels.ce_hvp import ce_hessian_matmat, cross_entropy_row_weights
 from torchcurv.losses.autograd import AutogradHessian
 from torchcurv.losses.base import OutputCurvature, SampleOuterProducts
-from torchcurv.losses.cross_entropy import (
-    CrossEntropyHessian,
-    ce_hessian_matmat,
-    cross_entropy_row_weights,
-)
+from torchcurv.losses.cross_entropy import CrossEntropyHessian, criterion_row_weights
 from torchcurv.losses.elementwise import DiagonalHessian
 from torchcurv.losses.fisher import empirical_fisher_factors, monte_carlo_fisher_factors
 from torchcurv.losses.hessians import loss_hessian, objective_loss_hessian
@@ -20,6 +17,7 @@ __all__ = [
     "SampleLayout",
     "SampleOuterProducts",
     "ce_hessian_matmat",
+    "criterion_row_weights",
     "cross_entropy_row_weights",
     "empirical_fisher_factors",
     "loss_hessian",

@@ -13,37 +13,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchcurv.kernels.ce_hvp import (
+    accumulation_dtype,
+    ce_hessian_matmat,
+    cross_entropy_row_weights,
+)
 from torchcurv.losses.base import OutputCurvature
 from torchcurv.losses.layout import sample_layout
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-
-def ce_hessian_matmat(
-    logits: torch.Tensor, U: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """``weights[n] * (diag(p_n) - p_n p_nᵀ) @ U[..., n, :]`` for every row ``n``.
-
-    Args:
-        logits: ``(N, V)`` logits, one sample per row; ``p = softmax(logits, -1)``.
-        U: ``(m, N, V)`` block or one ``(N, V)`` vector in the logits' space.
-        weights: ``(N,)`` per-row factors (class weights, 0 for ignored targets, the
-            reduction's normaliser and any batch share), in any float dtype.
-
-    Returns:
-        A tensor of ``U``'s shape and dtype. Half-precision inputs are computed in float32.
-    """
-    work = torch.float32 if logits.dtype in _LOW_PRECISION else logits.dtype
-    p = torch.softmax(logits.to(work), dim=-1)
-    u = U.to(work)
-    pu = (p * u).sum(-1, keepdim=True)
-    return (p * (u - pu) * weights.to(work).unsqueeze(-1)).to(U.dtype)
-
-
-def cross_entropy_row_weights(
+def criterion_row_weights(
     criterion: nn.CrossEntropyLoss, output: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
     """Per-sample factors ``w_r`` with ``∇² criterion = blockdiag_r w_r (diag p_r - p_r p_rᵀ)``.
+
+    Class-index targets go through :func:`torchcurv.kernels.cross_entropy_row_weights`
+    (the one definition of torch's normalisation); probability targets, which that
+    function does not take, are handled here.
 
     Args:
         criterion: the loss module (its ``weight``, ``ignore_index``, ``label_smoothing``
@@ -53,55 +39,50 @@ def cross_entropy_row_weights(
             probabilities shaped like ``output``.
 
     Returns:
-        ``(R,)`` factors in the output's dtype, rows ordered as ``sample_layout`` orders
-        them (row-major over ``(N, d1, ...)``).
+        ``(R,)`` factors, rows ordered as ``sample_layout`` orders them (row-major over
+        ``(N, d1, ...)``), in float32 for 16-bit outputs (a ``1/N`` share of a long
+        sequence has no bf16 representation to spare), else in the output's dtype. All
+        zero for a mean over no counted row (torch's loss is NaN there).
     """
+    if criterion.reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {criterion.reduction!r}")
     layout = sample_layout(criterion, output)
-    num_classes = layout.width
+    dtype = accumulation_dtype(output.dtype)
     eps = float(criterion.label_smoothing)
     class_weight = criterion.weight
-    if class_weight is not None:
-        class_weight = class_weight.to(device=output.device, dtype=output.dtype)
-    if target.is_floating_point():
-        if target.shape != output.shape:
-            raise ValueError(
-                f"probability targets must have the logits' shape {tuple(output.shape)}, "
-                f"got {tuple(target.shape)}"
-            )
-        probs = layout.to_rows(target.to(output.dtype).unsqueeze(0))[0]
-        probs = probs * (1 - eps) + eps / num_classes
-        coef = probs @ class_weight if class_weight is not None else probs.sum(-1)
-        denominator = torch.tensor(float(layout.rows), dtype=output.dtype,
-                                   device=output.device)
-    else:
+    if not target.is_floating_point():
         t = target.reshape(-1)
         if t.numel() != layout.rows:
             raise ValueError(
                 f"{t.numel()} class-index targets for {layout.rows} rows of logits "
                 f"(logits shape {tuple(output.shape)})"
             )
-        keep = t != criterion.ignore_index
-        safe = torch.where(keep, t, torch.zeros_like(t))
-        if class_weight is None:
-            target_weight = keep.to(output.dtype)
-            smooth = keep.to(output.dtype)
-        else:
-            target_weight = class_weight[safe] * keep
-            # smoothing spreads eps over all classes: (eps / C) * sum_c weight_c
-            smooth = class_weight.mean() * keep
-        coef = (1 - eps) * target_weight + eps * smooth
-        denominator = target_weight.sum()
-    if criterion.reduction == "mean":
-        return coef / denominator
-    if criterion.reduction == "sum":
-        return coef
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {criterion.reduction!r}")
+        return cross_entropy_row_weights(
+            t, num_classes=layout.width, reduction=criterion.reduction,
+            ignore_index=criterion.ignore_index, weight=class_weight, label_smoothing=eps,
+            dtype=dtype,
+        )
+    if target.shape != output.shape:
+        raise ValueError(
+            f"probability targets must have the logits' shape {tuple(output.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    probs = layout.to_rows(target.to(dtype).unsqueeze(0))[0]
+    probs = probs * (1 - eps) + eps / layout.width
+    if class_weight is not None:
+        coef = probs @ class_weight.to(device=output.device, dtype=dtype)
+    else:
+        coef = probs.sum(-1)
+    # torch divides a mean over probability targets by the row count, class weights or not
+    return coef / layout.rows if criterion.reduction == "mean" else coef
 
 
 class CrossEntropyHessian(OutputCurvature):
     """``∇²_z criterion(z, y)`` for ``nn.CrossEntropyLoss``, times ``scale``.
 
-    Products go through :func:`ce_hessian_matmat` on the ``(R, C)`` row view.
+    Products go through :func:`torchcurv.kernels.ce_hessian_matmat` (backend
+    ``"auto"``: the fused Triton kernel on CUDA, eager torch ops elsewhere) on the
+    ``(R, C)`` row view.
     """
 
     def __init__(
@@ -114,7 +95,9 @@ class CrossEntropyHessian(OutputCurvature):
         super().__init__(output.shape)
         self.layout = sample_layout(criterion, output)
         self.logits = self.layout.to_rows(output.detach().unsqueeze(0))[0]
-        self.weights = cross_entropy_row_weights(criterion, output.detach(), target) * scale
+        weights = criterion_row_weights(criterion, output.detach(), target)
+        self.weights = weights * (scale.to(weights.dtype) if isinstance(scale, torch.Tensor)
+                                  else scale)
 
     def _matmat(self, U: torch.Tensor) -> torch.Tensor:
         rows = ce_hessian_matmat(self.logits, self.layout.to_rows(U), self.weights)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from torchcurv.losses.base import SampleOuterProducts
-from torchcurv.losses.cross_entropy import cross_entropy_row_weights
+from torchcurv.losses.cross_entropy import criterion_row_weights
 from torchcurv.losses.elementwise import bce_with_logits_curvature_weights
 from torchcurv.losses.layout import sample_layout
 from torchcurv.objectives import Objective
@@ -84,7 +84,7 @@ def monte_carlo_fisher_factors(
         prob = torch.softmax(f, dim=1)
         labels = prob.multinomial(mc_samples, replacement=True, generator=generator).T
         onehot = nn.functional.one_hot(labels, num_classes=layout.width).to(f.dtype)
-        row = cross_entropy_row_weights(criterion, output, target) * scale_t
+        row = criterion_row_weights(criterion, output, target).to(f.dtype) * scale_t
         g = (prob.unsqueeze(0) - onehot) * row.clamp_min(0).sqrt()[None, :, None]
     elif isinstance(criterion, nn.BCEWithLogitsLoss):
         prob = f.sigmoid()

@@ -26,7 +26,13 @@ from torchcurv.distributed.reduce import (
 )
 from torchcurv.errors import NondeterminismError, NonFiniteLossError
 from torchcurv.objectives import Objective, as_objective
+from torchcurv.operators.attention import differentiable_attention
 from torchcurv.operators.base import ParameterOperator
+from torchcurv.operators.microbatch import (
+    check_microbatch_size,
+    refuse_batch_coupling,
+    split_batch,
+)
 from torchcurv.operators.model_guard import preserved
 from torchcurv.operators.params import select_parameters
 
@@ -65,6 +71,11 @@ class CurvatureOperator(ParameterOperator):
     only :class:`~torchcurv.HessianOperator` with ``method="finite_difference"``
     supports FSDP2 models (docs/distributed.md).
 
+    Every product runs with SDPA restricted to its math backend
+    (:func:`~torchcurv.operators.attention.differentiable_attention`), the only one that
+    double backward and forward-mode AD go through. For float16 / bfloat16 models the
+    batch products are summed (and all-reduced) in float32 and rounded once at the end.
+
     Attributes:
         batch_counts: number of batches on each rank of the group (``[len(data)]`` when
             local), known after construction.
@@ -84,6 +95,7 @@ class CurvatureOperator(ParameterOperator):
         process_group: Any = None,
         distributed: bool | None = None,
         debug_distributed: bool = False,
+        microbatch_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -125,9 +137,16 @@ class CurvatureOperator(ParameterOperator):
         super().__init__(self.params)
         check_reiterable(data)
         self.data = data
+        check_microbatch_size(microbatch_size)
+        self.microbatch_size = microbatch_size
         self._check_model_mode(strict=check_deterministic)
-        self._batch_weights: list[float] | None = None
+        if microbatch_size is not None:
+            self._check_splittable()
+        # per batch, the loss-term counts of its pieces (one piece without microbatching)
+        self._batch_weights: list[list[float]] | None = None
         self.total_weight = self._total_weight(check_deterministic)
+        if microbatch_size is not None and check_deterministic:
+            self._check_split_loss_matches()
 
     # -- construction-time checks --------------------------------------------------
     def _check_model_mode(self, strict: bool) -> None:
@@ -148,16 +167,24 @@ class CurvatureOperator(ParameterOperator):
                     stacklevel=3,
                 )
 
+    def _pieces(self, batch: Batch) -> list[Batch]:
+        """The microbatches of ``batch`` (``[batch]`` without ``microbatch_size``)."""
+        if self.microbatch_size is None:
+            return [batch]
+        return split_batch(batch, self.microbatch_size)
+
     def _total_weight(self, check: bool) -> float:
         weights, prints = [], []
         for batch in iterate(self.data, self.device):
-            weights.append(self.objective.batch_weight(batch))
+            # pieces of a 'sum' loss all weigh 1 and are never cached: count batches
+            pieces = self._pieces(batch) if self.objective.reduction == "mean" else [batch]
+            weights.append([self.objective.batch_weight(p) for p in pieces])
             if check:
                 prints.append(fingerprint(batch))
         if not weights and not self.distributed:
             raise ValueError("data is empty: it yielded no batch")
-        weights = [float(w) for w in weights]
-        total = float(sum(weights))
+        weights = [[float(w) for w in ws] for ws in weights]
+        total = float(sum(sum(ws) for ws in weights))
         self.batch_counts, self.batch_offset = [len(weights)], 0
         if self.distributed:  # the data set is the union of the ranks' shards
             total = all_reduce_scalar(total, self.device, self.process_group)
@@ -195,7 +222,7 @@ class CurvatureOperator(ParameterOperator):
                     )
         return total
 
-    def _check_repeatable(self, weights: list[float], prints: list[tuple]) -> None:
+    def _check_repeatable(self, weights: list[list[float]], prints: list[tuple]) -> None:
         again = [fingerprint(b) for b in iterate(self.data, self.device)]
         if again != prints:
             raise NondeterminismError(
@@ -207,7 +234,7 @@ class CurvatureOperator(ParameterOperator):
         if weights:
             self._check_loss_repeatable()
         # The data proved repeatable: reuse the weights instead of recounting the
-        # targets (a few small kernels per batch) in every product.
+        # targets (a few small kernels and, per microbatch, a host sync) per product.
         self._batch_weights = weights
 
     def _check_loss_repeatable(self) -> None:
@@ -223,6 +250,41 @@ class CurvatureOperator(ParameterOperator):
                 f"the model's loss on the same batch differs between two evaluations "
                 f"({float(first)!r} vs {float(second)!r}): a random layer in the model? "
                 "call model.eval() or pass check_deterministic=False"
+            )
+
+    def _check_splittable(self) -> None:
+        refuse_batch_coupling(self.model)
+        if self.objective.reduction == "mean" and self.objective.weight is None:
+            raise ValueError(
+                "microbatch_size needs the objective's weight (loss terms per batch) to "
+                "weigh the microbatches of a mean-reduced loss; pass "
+                "Objective(..., weight=lambda batch: <number of loss terms>)"
+            )
+
+    def _check_split_loss_matches(self) -> None:
+        """Catch batch coupling no module check sees (custom layers, in-batch losses)."""
+        mean = self.objective.reduction == "mean"
+        for batch, weights in zip(iterate(self.data, self.device), self._batch_weights or []):
+            pieces = self._pieces(batch)
+            if len(pieces) > 1 and sum(weights) > 0:
+                break
+        else:
+            return  # no batch with loss terms is larger than a microbatch: nothing to check
+        with preserved(self.model), torch.no_grad():
+            whole = float(self.objective(self.model, batch))
+            split = 0.0
+            for j, piece in enumerate(pieces):
+                share = weights[j] / sum(weights) if mean else 1.0
+                if share != 0:
+                    split += share * float(self.objective(self.model, piece))
+        tol = torch.finfo(self.dtype).eps ** 0.5 * max(abs(whole), 1e-30)
+        if not abs(whole - split) <= tol:
+            raise ValueError(
+                f"splitting a batch into microbatches of {self.microbatch_size} changes its "
+                f"loss ({whole!r} whole vs {split!r} from the microbatches): the model or the "
+                "loss couples the examples of a batch, so microbatching would change the "
+                "curvature. Drop microbatch_size (or pass check_deterministic=False to skip "
+                "this check)"
             )
 
     # -- products ------------------------------------------------------------------
@@ -244,43 +306,70 @@ class CurvatureOperator(ParameterOperator):
         return False
 
     def _batches(self):
-        """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum')."""
+        """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum').
+
+        With ``microbatch_size``, one entry per microbatch (``index`` is its batch's, and
+        ``w_b`` its own loss-term count); microbatches without loss terms are left out:
+        their mean loss is 0/0, and their share of the data set's loss is zero.
+        """
         cached = self._batch_weights
         for i, batch in enumerate(iterate(self.data, self.device)):
+            pieces = self._pieces(batch)
             if self.objective.reduction == "sum":
-                yield i, batch, 1.0
+                for piece in pieces:
+                    yield i, piece, 1.0
             elif cached is not None and i < len(cached):
-                yield i, batch, cached[i] / self.total_weight
+                for piece, w in zip(pieces, cached[i]):
+                    if w != 0 or self.microbatch_size is None:
+                        yield i, piece, w / self.total_weight
+            elif self.microbatch_size is None:
+                # a tensor count stays on the device: no host sync per batch
+                yield i, batch, self._as_float64(self.objective.batch_weight(batch)) / (
+                    self.total_weight
+                )
             else:
-                w = self.objective.batch_weight(batch)
-                # float64 so that int counts divided by the total lose nothing
-                w = w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
-                yield i, batch, w / self.total_weight
+                # deciding which microbatches to skip needs their counts on the host:
+                # one sync per batch
+                ws = torch.stack([
+                    torch.as_tensor(self.objective.batch_weight(p), dtype=torch.float64,
+                                    device=self.device)
+                    for p in pieces
+                ]).tolist()
+                for piece, w in zip(pieces, ws):
+                    if w != 0:
+                        yield i, piece, w / self.total_weight
 
-    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """This process's share of ``A @ V`` and the batch losses it saw."""
+    @staticmethod
+    def _as_float64(w: torch.Tensor | float) -> torch.Tensor | float:
+        # float64 so that int counts divided by the total lose nothing
+        return w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
+
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
+        """This process's share of ``A @ V`` (in :func:`accumulation_dtype`) and the
+        batch losses it saw."""
         blocks = self._split_block(V)
-        total = torch.zeros_like(V)
-        losses = []
+        total = torch.zeros_like(V, dtype=accumulation_dtype(V.dtype))
+        losses = BatchLosses()
         with preserved(self.model, self._perturbed_params()):
-            for _, batch, scale in self._batches():
+            for i, batch, scale in self._batches():
                 loss, out = self._batch_matmat(batch, scale, blocks)
-                losses.append(loss.detach().reshape(()))
+                losses.add(i, loss)
                 total.add_(self._join_block(out))
         return total, losses
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        if not self.distributed:
-            out, losses = self._local_matmat(V)
-            self._raise_if_not_finite(losses)
-            return out
-        return self._distributed_matmat(V)
+        with differentiable_attention():
+            if not self.distributed:
+                out, losses = self._local_matmat(V)
+                losses.raise_if_not_finite()
+                return out.to(self.dtype)
+            return self._distributed_matmat(V)
 
     def _distributed_matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self.debug_distributed:
             assert_same_on_all_ranks(V, self.process_group)
-        reduce = dict(shape=tuple(V.shape), dtype=self.dtype, device=self.device,
-                      group=self.process_group)
+        reduce = dict(shape=tuple(V.shape), dtype=accumulation_dtype(self.dtype),
+                      device=self.device, group=self.process_group)
         if self.fsdp:
             # FSDP's reduce-scatter has already summed the ranks' gradients, so only the
             # counters travel. A rank failing inside FSDP's own collectives cannot flag
@@ -288,7 +377,7 @@ class CurvatureOperator(ParameterOperator):
             reduce["shape"] = (0,)
         try:
             out, losses = self._local_matmat(V)
-            bad = self._nonfinite_batches(losses)
+            bad = losses.nonfinite_batches()
         except Exception:
             # Join the collective with a failure flag so the other ranks raise too.
             all_reduce_product(None, nonfinite=0, failed=True, **reduce)
@@ -300,28 +389,43 @@ class CurvatureOperator(ParameterOperator):
                 f"{reduced.failed_ranks} other rank(s) raised during this curvature product; "
                 "see their tracebacks"
             )
-        self._raise_if_not_finite(losses)
+        losses.raise_if_not_finite()
         if reduced.nonfinite:
             raise NonFiniteLossError(
                 f"the loss is not finite on {reduced.nonfinite} batch(es) of other ranks"
             )
-        return out if self.fsdp else reduced.value
+        return (out if self.fsdp else reduced.value).to(self.dtype)
 
-    @staticmethod
-    def _nonfinite_batches(losses: list[torch.Tensor]) -> list[int]:
-        if not losses:
+
+class BatchLosses:
+    """The losses one product saw, each with the index of the batch it belongs to (several
+    per batch with microbatching), checked for NaN/inf with one host sync per product."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+        self.batch_index: list[int] = []
+
+    def add(self, index: int, loss: torch.Tensor) -> None:
+        self.values.append(loss.detach().reshape(()))
+        self.batch_index.append(index)
+
+    def _bad(self) -> list[int]:
+        if not self.values:
             return []
-        finite = torch.isfinite(torch.stack(losses).float())
-        return [i for i, ok in enumerate(finite.tolist()) if not ok]
+        finite = torch.isfinite(torch.stack(self.values).float())
+        return [j for j, ok in enumerate(finite.tolist()) if not ok]
 
-    @classmethod
-    def _raise_if_not_finite(cls, losses: list[torch.Tensor]) -> None:
-        # One host sync per product, not one per batch.
-        bad = cls._nonfinite_batches(losses)
+    def nonfinite_batches(self) -> list[int]:
+        """Sorted indices of the batches with a NaN/inf loss (on any of their pieces)."""
+        return sorted({self.batch_index[j] for j in self._bad()})
+
+    def raise_if_not_finite(self) -> None:
+        bad = self._bad()
         if bad:
+            batches = sorted({self.batch_index[j] for j in bad})
             raise NonFiniteLossError(
-                f"the loss is not finite on batch(es) {bad[:10]} "
-                f"(value {float(losses[bad[0]])}); the curvature there is undefined"
+                f"the loss is not finite on batch(es) {batches[:10]} "
+                f"(value {float(self.values[bad[0]])}); the curvature there is undefined"
             )
 
 
@@ -341,3 +445,8 @@ def _fsdp_group(model: nn.Module) -> Any:
             "tensor parallelism)"
         )
     return next(iter(meshes.values())).get_group()
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sum 16-bit batch products in float32: bf16 keeps 8 bits, lost after ~100 batches."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -28,6 +28,7 @@ from torchcurv.losses.fisher import (
     monte_carlo_fisher_factors,
 )
 from torchcurv.objectives import Objective
+from torchcurv.operators.curvature import BatchLosses
 from torchcurv.operators.output_space import OutputSpaceOperator
 
 Batch = Any
@@ -42,7 +43,8 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     :class:`~torchcurv.Objective` whose batch loss is a sum over samples.
 
     Arguments (``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
-    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``):
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``):
     as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
     """
 
@@ -74,8 +76,8 @@ class MCFisherOperator(OutputSpaceOperator):
     shards, and no two batches anywhere share draws.
 
     ``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
-    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``:
-    as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``: as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
 
     Args:
         mc_samples: labels drawn per sample and product.
@@ -104,6 +106,7 @@ class MCFisherOperator(OutputSpaceOperator):
         distributed: bool | None = None,
         debug_distributed: bool = False,
         per_batch_seeds: bool | None = None,
+        microbatch_size: int | None = None,
     ) -> None:
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
@@ -113,6 +116,7 @@ class MCFisherOperator(OutputSpaceOperator):
             model, criterion, data, params=params, param_filter=param_filter, jvp=jvp,
             check_deterministic=check_deterministic, process_group=process_group,
             distributed=distributed, debug_distributed=debug_distributed,
+            microbatch_size=microbatch_size,
         )
         crit = self.objective.criterion
         if not isinstance(crit, SAMPLEABLE) or self.objective.targets is None:
@@ -150,12 +154,15 @@ class MCFisherOperator(OutputSpaceOperator):
         return rng
 
     def _batches(self):
+        current = None
         for i, batch, scale in super()._batches():
-            if self.per_batch_seeds:
+            # microbatches of one batch continue its stream rather than restarting it
+            if self.per_batch_seeds and i != current:
                 self._rng = self.batch_generator(self.batch_offset + i)
+                current = i
             yield i, batch, scale
 
-    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         self._rng = self.fresh_generator()
         try:
             return super()._local_matmat(V)

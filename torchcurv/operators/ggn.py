@@ -30,7 +30,8 @@ class GGNOperator(OutputSpaceOperator):
     ``"finite_difference"``, three with ``"double_vjp"``.
 
     Arguments (``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
-    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``):
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``):
     as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
     """
 

@@ -11,7 +11,11 @@ from torch import nn
 
 from torchcurv.distributed.reduce import all_reduce_scalar
 from torchcurv.objectives import Objective
-from torchcurv.operators.curvature import CurvatureOperator
+from torchcurv.operators.curvature import (
+    BatchLosses,
+    CurvatureOperator,
+    accumulation_dtype,
+)
 from torchcurv.operators.functional import batched_hvp, loss_and_grads, scaled
 from torchcurv.operators.model_guard import preserved
 
@@ -28,8 +32,8 @@ class HessianOperator(CurvatureOperator):
     :mod:`torchcurv.objectives`). ``n`` is the number of selected parameter entries.
 
     ``model``, ``criterion``, ``data``, ``params``, ``param_filter``,
-    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``:
-    as for :class:`~torchcurv.operators.curvature.CurvatureOperator`.
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``: as for :class:`~torchcurv.operators.curvature.CurvatureOperator`.
 
     Args:
         method: how Hessian-vector products are computed.
@@ -66,6 +70,7 @@ class HessianOperator(CurvatureOperator):
         process_group: Any = None,
         distributed: bool | None = None,
         debug_distributed: bool = False,
+        microbatch_size: int | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -74,6 +79,7 @@ class HessianOperator(CurvatureOperator):
             model, criterion, data, params=params, param_filter=param_filter,
             check_deterministic=check_deterministic, process_group=process_group,
             distributed=distributed, debug_distributed=debug_distributed,
+            microbatch_size=microbatch_size,
         )
 
     def _perturbed_params(self) -> Sequence[torch.Tensor]:
@@ -90,7 +96,7 @@ class HessianOperator(CurvatureOperator):
             forward_over_reverse=self.method == "forward_over_reverse",
         )
 
-    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         if self.method != "finite_difference":
             return super()._local_matmat(V)
         if not self.fsdp:
@@ -101,18 +107,19 @@ class HessianOperator(CurvatureOperator):
             self._reshard()
 
     # -- finite differences --------------------------------------------------------
-    def _full_gradient(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _full_gradient(self, losses: BatchLosses) -> list[torch.Tensor]:
         if self.fsdp:
             return self._fsdp_gradient(losses)
-        total = [torch.zeros_like(p) for p in self.params]
-        for _, batch, scale in self._batches():
+        acc = accumulation_dtype(self.dtype)
+        total = [torch.zeros_like(p, dtype=acc) for p in self.params]
+        for i, batch, scale in self._batches():
             loss, grads = loss_and_grads(self.model, self.objective, batch, scale, self.params)
-            losses.append(loss.detach().reshape(()))
+            losses.add(i, loss)
             for t, g in zip(total, grads):
                 t.add_(g)
         return total
 
-    def _fsdp_gradient(self, losses: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _fsdp_gradient(self, losses: BatchLosses) -> list[torch.Tensor]:
         """The full gradient of the data set's loss on every rank, through FSDP2.
 
         ``backward()`` (FSDP's hooks run on it, not on ``autograd.grad``) with the loss
@@ -127,11 +134,11 @@ class HessianOperator(CurvatureOperator):
         first = None
         count = 0
         with torch.enable_grad():
-            for _, batch, scale in self._batches():
+            for i, batch, scale in self._batches():
                 first = batch if first is None else first
                 loss = self.objective(self.model, batch)
                 scaled(loss, scale * world).backward()
-                losses.append(loss.detach().reshape(()))
+                losses.add(i, loss)
                 count += 1
             for _ in range(max(self.batch_counts) - count):
                 scaled(self.objective(self.model, first), 0.0).backward()
@@ -170,9 +177,9 @@ class HessianOperator(CurvatureOperator):
         local = float(sum((t.to_local().double() ** 2).sum() for t in tensors))
         return all_reduce_scalar(local, self.device, self.process_group) ** 0.5
 
-    def _finite_difference_matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _finite_difference_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         eps = torch.finfo(self.dtype).eps
-        columns, losses = [], []
+        columns, losses = [], BatchLosses()
         with preserved(self.model, self.params):
             origin = [p.detach().clone() for p in self.params]
             theta_norm = self._norm(origin)
@@ -180,7 +187,7 @@ class HessianOperator(CurvatureOperator):
                 v = V[:, j]
                 v_norm = float(v.norm())
                 if v_norm == 0:
-                    columns.append(torch.zeros_like(v))
+                    columns.append(torch.zeros_like(v, dtype=accumulation_dtype(v.dtype)))
                     continue
                 h = eps ** (1 / 3) * (1 + theta_norm) / v_norm
                 pieces = self.unflatten(v.contiguous())

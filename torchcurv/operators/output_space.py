@@ -17,7 +17,7 @@ from torch import nn
 
 from torchcurv.losses.base import OutputCurvature
 from torchcurv.objectives import Objective, has_separate_output
-from torchcurv.operators.curvature import CurvatureOperator
+from torchcurv.operators.curvature import BatchLosses, CurvatureOperator
 from torchcurv.operators.jacobian import (
     JVP_METHODS,
     forward_with_graph,
@@ -34,8 +34,8 @@ class OutputSpaceOperator(CurvatureOperator):
     """Base of the ``Jᵀ C J`` operators; subclasses supply the output-space ``C_b``.
 
     ``model``, ``criterion``, ``data``, ``params``, ``param_filter``,
-    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``:
-    as for :class:`~torchcurv.operators.curvature.CurvatureOperator`.
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``: as for :class:`~torchcurv.operators.curvature.CurvatureOperator`.
 
     Args:
         jvp: how ``J V`` is computed:
@@ -63,6 +63,7 @@ class OutputSpaceOperator(CurvatureOperator):
         process_group: Any = None,
         distributed: bool | None = None,
         debug_distributed: bool = False,
+        microbatch_size: int | None = None,
     ) -> None:
         if jvp not in JVP_METHODS:
             raise ValueError(f"jvp must be one of {JVP_METHODS}, got {jvp!r}")
@@ -72,6 +73,7 @@ class OutputSpaceOperator(CurvatureOperator):
             model, criterion, data, params=params, param_filter=param_filter,
             check_deterministic=check_deterministic, process_group=process_group,
             distributed=distributed, debug_distributed=debug_distributed,
+            microbatch_size=microbatch_size,
         )
         if not has_separate_output(self.objective):
             raise ValueError(
@@ -91,7 +93,7 @@ class OutputSpaceOperator(CurvatureOperator):
     def _perturbed_params(self) -> Sequence[torch.Tensor]:
         return self.params if self.jvp == "finite_difference" else ()
 
-    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         if self.jvp != "finite_difference":
             return super()._local_matmat(V)
         self._origin = [p.detach().clone() for p in self.params]
