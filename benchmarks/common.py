@@ -73,10 +73,12 @@ def mlp_problem(device: torch.device, small: bool = False, dtype=torch.float32):
     return model, nn.CrossEntropyLoss(), data
 
 
-def gpt2_problem(device: torch.device, small: bool = False, attn: str = "eager"):
+def gpt2_problem(device: torch.device, small: bool = False, attn: str = "eager",
+                 num_batches: int = 1):
     """A 4-layer GPT-2-style model from a config (vocab 50257, B=8, T=256), random weights.
 
-    Returns ``(model, batches)`` with HF dict batches ``{"input_ids", "labels"}``.
+    Returns ``(model, batches)`` with ``num_batches`` HF dict batches
+    ``{"input_ids", "labels"}`` (the first is the same for every ``num_batches``).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -86,8 +88,11 @@ def gpt2_problem(device: torch.device, small: bool = False, attn: str = "eager")
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     cfg._attn_implementation = attn
     model = GPT2LMHeadModel(cfg).to(device).eval()
-    ids = torch.randint(0, vocab, (B, T), device=device)
-    return model, [{"input_ids": ids, "labels": ids}]
+    batches = []
+    for _ in range(num_batches):
+        ids = torch.randint(0, vocab, (B, T), device=device)
+        batches.append({"input_ids": ids, "labels": ids})
+    return model, batches
 
 
 def lm_objective():

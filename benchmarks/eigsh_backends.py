@@ -91,7 +91,8 @@ def run_arpack(H, args, v0):
     wall = time.perf_counter() - t0
     emit(what="eigsh", lib="torchcurv+arpack", s=wall, matvecs=A.num_matvecs,
          matvec_s=T.seconds, outside_s=wall - T.seconds, outside_frac=1 - T.seconds / wall,
-         top=top(vals), max_rel_residual=max_rel_residual(H, vals, torch.from_numpy(vecs)))
+         top=top(vals),
+         max_rel_residual=max_rel_residual(H, vals, torch.from_numpy(vecs).to(H.device, H.dtype)))
 
 
 def run_cupy(H, args, v0):

@@ -1,8 +1,15 @@
-"""Curvature products over torch.distributed (gloo, 2 CPU processes) equal the
-single-process products on the union of the shards, and never hang on a failure."""
+"""Curvature products and algorithms over torch.distributed (gloo, 2 CPU processes) equal
+the single-process ones on the union of the shards, agree bit for bit across ranks, and
+never hang on a failure.
+
+One pair of processes runs every check (spawning costs seconds); each test below asserts
+one check's outcome. Every collective runs under the process group's timeout and the
+processes under a join timeout, so a broken check fails instead of hanging.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import traceback
@@ -17,6 +24,8 @@ from zoo import case, rel
 import torchcurv
 
 WORLD = 2
+COLLECTIVE_TIMEOUT_S = 30
+JOIN_TIMEOUT_S = 150
 
 
 def _free_port() -> int:
@@ -30,17 +39,27 @@ def _shard(data, rank):
     return data[:2] if rank == 0 else data[2:]
 
 
+def _gather(t: torch.Tensor) -> list[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def _same_on_all_ranks(t: torch.Tensor, what: str) -> None:
+    everyone = _gather(t)
+    assert all(torch.equal(everyone[0], x) for x in everyone), f"ranks differ on {what}"
+
+
 def _operators(model, criterion, data, **kw):
     yield "hessian", torchcurv.HessianOperator(model, criterion, data, **kw)
     yield "hessian-fd", torchcurv.HessianOperator(
         model, criterion, data, method="finite_difference", **kw)
-    for name in ("GGNOperator", "EmpiricalFisherOperator"):
-        if hasattr(torchcurv, name):
-            yield name, getattr(torchcurv, name)(model, criterion, data, **kw)
+    yield "ggn", torchcurv.GGNOperator(model, criterion, data, **kw)
+    yield "ef", torchcurv.EmpiricalFisherOperator(model, criterion, data, **kw)
 
 
-def _check_products(rank, results):
-    V = torch.randn(0, 0)
+# -- checks, each run on both ranks ------------------------------------------------
+def check_products(rank):
     for model_name in ("mlp_tanh", "layernorm"):
         model, criterion, data = case(model_name, "ce")
         local = dict(_operators(model, criterion, data, distributed=False))
@@ -52,21 +71,110 @@ def _check_products(rank, results):
                 V = torch.randn(op.n, 3, dtype=torch.float64,
                                 generator=torch.Generator().manual_seed(0))
                 tol = 1e-6 if name.endswith("-fd") else 1e-10
-                err = rel(op.matmat(V), local[name].matmat(V))
-                assert err < tol, (model_name, wrap, name, err)
-                results.append((model_name, wrap, name, err))
+                product = op.matmat(V)
+                assert rel(product, local[name].matmat(V)) < tol, (model_name, wrap, name)
+                _same_on_all_ranks(product, f"{model_name}/{wrap}/{name}")
                 assert all(p.grad is None for p in model.parameters()), "DDP hooks fired"
         for name, op in _operators(model, criterion, shard, microbatch_size=2):
             V = torch.randn(op.n, 2, dtype=torch.float64,
                             generator=torch.Generator().manual_seed(1))
-            err = rel(op.matmat(V), local[name].matmat(V))
-            assert err < (1e-6 if name.endswith("-fd") else 1e-10), (model_name, "micro", name, err)
-            results.append((model_name, "microbatch_size=2", name, err))
-        eig = torch.linalg.eigvalsh(dict(_operators(model, criterion, shard))["hessian"].to_dense())
-        assert rel(eig, torch.linalg.eigvalsh(local["hessian"].to_dense())) < 1e-10
+            product = op.matmat(V)
+            tol = 1e-6 if name.endswith("-fd") else 1e-10
+            assert rel(product, local[name].matmat(V)) < tol, (model_name, "microbatch", name)
+            _same_on_all_ranks(product, f"{model_name}/microbatch_size=2/{name}")
 
 
-def _check_failure_does_not_hang(rank):
+def check_mc_fisher(rank):
+    # Per-batch seeds keyed by the global batch index: the distributed MC Fisher is the
+    # single-process one with per_batch_seeds=True on the shards in rank order.
+    model, criterion, data = case("mlp_tanh", "ce")
+    op = torchcurv.MCFisherOperator(model, criterion, _shard(data, rank), mc_samples=3,
+                                    seed=4, debug_distributed=True)
+    assert op.per_batch_seeds and op.batch_counts == [2, 1]
+    assert op.batch_offset == (0 if rank == 0 else 2)
+    single = torchcurv.MCFisherOperator(model, criterion, data, mc_samples=3, seed=4,
+                                        per_batch_seeds=True, distributed=False)
+    V = torch.randn(op.n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    product = op.matmat(V)
+    assert rel(product, single.matmat(V)) < 1e-10
+    _same_on_all_ranks(product, "MC Fisher product")
+
+
+def check_eigsh(rank):
+    for model_name in ("mlp_tanh", "layernorm"):
+        model, criterion, data = case(model_name, "ce")
+        H = torchcurv.HessianOperator(model, criterion, _shard(data, rank),
+                                      debug_distributed=True)
+        H1 = torchcurv.HessianOperator(model, criterion, data, distributed=False)
+        for backend in ("lanczos", "arpack"):
+            got = torchcurv.eigsh(H, k=5, backend=backend, tol=1e-12)
+            want = torchcurv.eigsh(H1, k=5, backend=backend, tol=1e-12)
+            assert got.all_converged, (model_name, backend)
+            assert rel(got.eigenvalues, want.eigenvalues) < 1e-10, (model_name, backend)
+            _same_on_all_ranks(got.eigenvalues, f"{model_name} {backend} eigenvalues")
+            _same_on_all_ranks(got.eigenvectors, f"{model_name} {backend} eigenvectors")
+
+
+def check_randomized(rank):
+    model, criterion, data = case("layernorm", "ce")
+    H = torchcurv.HessianOperator(model, criterion, _shard(data, rank), debug_distributed=True)
+    H1 = torchcurv.HessianOperator(model, criterion, data, distributed=False)
+    est = torchcurv.trace(H, num_matvecs=12, method="hutch++", seed=7)
+    assert abs(est.estimate - torchcurv.trace(H1, num_matvecs=12, method="hutch++",
+                                              seed=7).estimate) < 1e-10 * abs(est.estimate)
+    _same_on_all_ranks(torch.tensor([est.estimate, est.std_error]), "Hutch++")
+    slq = torchcurv.spectral_density(H, num_probes=3, lanczos_steps=8, seed=3)
+    slq1 = torchcurv.spectral_density(H1, num_probes=3, lanczos_steps=8, seed=3)
+    assert rel(slq.nodes, slq1.nodes) < 1e-10 and rel(slq.weights, slq1.weights) < 1e-10
+    _same_on_all_ranks(slq.density, "SLQ density")
+
+    # seed=None: the ranks' global generators differ, rank 0's seed is broadcast.
+    torch.manual_seed(100 + rank)
+    est = torchcurv.trace(H, num_matvecs=12, method="xtrace")
+    _same_on_all_ranks(torch.tensor([est.estimate]), "XTrace with seed=None")
+    slq = torchcurv.spectral_density(H, num_probes=2, lanczos_steps=5)
+    _same_on_all_ranks(slq.nodes, "SLQ nodes with seed=None")
+    diag = torchcurv.diagonal(H, num_matvecs=6, method="xdiag")
+    _same_on_all_ranks(diag.estimate, "XDiag with seed=None")
+
+    # Ranks drawing different probes is caught by debug_distributed, on every rank.
+    with pytest.raises(RuntimeError, match="ranks disagree"):
+        torchcurv.trace(H, num_matvecs=3, method="hutchinson", seed=rank)
+
+
+def check_fsdp2_finite_difference(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model, criterion, data = case("mlp_tanh", "ce")
+    reference = torchcurv.HessianOperator(copy.deepcopy(model), criterion, data,
+                                          distributed=False)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    shard = _shard(data, rank)  # unequal: rank 1 pads with zero-weight passes
+    H = torchcurv.HessianOperator(model, criterion, shard, method="finite_difference",
+                                  debug_distributed=True)
+    assert H.fsdp and H.n == reference.n
+    V = torch.randn(H.n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    product = H.matmat(V)
+    err = rel(product, reference.matmat(V))
+    assert err < 1e-6, err
+    _same_on_all_ranks(product, "FSDP2 product")
+    after = [p.full_tensor() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, before)), "parameters changed"
+    assert all(p.grad is None for p in model.parameters()), ".grad left behind"
+    top = torchcurv.eigsh(H, k=1, backend="lanczos", tol=1e-6)
+    expected = torchcurv.eigsh(reference, k=1, backend="lanczos", tol=1e-10)
+    assert rel(top.eigenvalues, expected.eigenvalues) < 1e-5
+    for make in (lambda: torchcurv.HessianOperator(model, criterion, shard),
+                 lambda: torchcurv.GGNOperator(model, criterion, shard)):
+        with pytest.raises(TypeError, match="FSDP2"):
+            make()
+
+
+def check_failure_does_not_hang(rank):
     model, _, data = case("mlp_tanh", "ce")
     calls = {"n": 0}
 
@@ -81,12 +189,29 @@ def _check_failure_does_not_hang(rank):
     op = torchcurv.HessianOperator(model, objective, _shard(data, rank))
     v = torch.ones(op.n, dtype=torch.float64)
     expected = "rank 1 broke" if rank == 1 else "other rank"
-    try:
+    with pytest.raises(RuntimeError, match=expected):
         op @ v
-    except RuntimeError as exc:
-        assert expected in str(exc), str(exc)
-    else:
-        raise AssertionError("a failure on rank 1 went unnoticed")
+
+
+def check_nonfinite_loss_raises_on_every_rank(rank):
+    model, criterion, data = case("mlp_tanh", "ce")
+    shard = [(x.clone(), y) for x, y in _shard(data, rank)]
+    if rank == 1:
+        shard[0][0][0, 0] = float("nan")
+    # At construction: rank 1's loss check fails, rank 0 learns of it.
+    expected = (torchcurv.NonFiniteLossError, "loss on batch 0") if rank == 1 else (
+        RuntimeError, "other rank.*construction")
+    with pytest.raises(expected[0], match=expected[1]):
+        torchcurv.GGNOperator(model, criterion, shard)
+    # In a product (construction checks off): every rank raises NonFiniteLossError.
+    op = torchcurv.GGNOperator(model, criterion, shard, check_deterministic=False)
+    with pytest.raises(torchcurv.NonFiniteLossError):
+        op @ torch.ones(op.n, dtype=torch.float64)
+
+
+CHECKS = [check_products, check_mc_fisher, check_eigsh, check_randomized,
+          check_fsdp2_finite_difference, check_failure_does_not_hang,
+          check_nonfinite_loss_raises_on_every_rank]
 
 
 def _worker(rank, port, out_dir):
@@ -94,35 +219,50 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=60))
-    status = "ok"
+                            world_size=WORLD, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
-        results = []
-        _check_products(rank, results)
-        _check_failure_does_not_hang(rank)
-        status += "".join(f"\n{r}" for r in results)
-    except BaseException:
-        status = traceback.format_exc()
+        for check in CHECKS:
+            try:
+                check(rank)
+                status = "ok"
+            except BaseException:
+                status = traceback.format_exc()
+            with open(os.path.join(out_dir, f"{check.__name__}.rank{rank}.txt"), "w") as f:
+                f.write(status)
+            # Stop together after a failure: the ranks' collectives are out of step.
+            flag = torch.tensor([float(status != "ok")])
+            dist.all_reduce(flag)
+            if flag.item():
+                break
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(status)
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(240)
-def test_two_gloo_ranks_match_single_process_on_union_of_shards(tmp_path):
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=200)
+        p.join(timeout=JOIN_TIMEOUT_S)
     hung = [i for i, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():
             p.kill()
+            p.join()
+    return out, hung
+
+
+@pytest.mark.timeout(JOIN_TIMEOUT_S + 60)
+@pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
+def test_two_gloo_ranks(outcomes, check):
+    out, hung = outcomes
     assert not hung, f"rank(s) {hung} hung"
     for r in range(WORLD):
-        status = (tmp_path / f"rank{r}.txt").read_text()
-        assert status.startswith("ok"), f"rank {r}:\n{status}"
+        path = out / f"{check}.rank{r}.txt"
+        assert path.exists(), f"rank {r} never ran {check} (an earlier check failed)"
+        status = path.read_text()
+        assert status == "ok", f"rank {r}:\n{status}"

@@ -64,6 +64,20 @@ def test_mc_fisher_uses_the_generators_state_without_advancing_it():
     assert torch.equal(seeded @ v, F @ v)
 
 
+def test_mc_fisher_per_batch_seeds_draw_each_batch_from_its_own_generator():
+    model, criterion, data = case("mlp_tanh", "ce")
+    F = torchcurv.MCFisherOperator(model, criterion, data, mc_samples=512, seed=2,
+                                   per_batch_seeds=True)
+    stream = torchcurv.MCFisherOperator(model, criterion, data, mc_samples=512, seed=2)
+    dense = F.to_dense()
+    assert torch.equal(F.to_dense(), dense)
+    assert rel(dense, stream.to_dense()) > 1e-3  # other draws than the single stream
+    assert rel(dense, explicit_ggn(model, criterion, data)) < 0.05  # same expectation
+    # batch i draws from batch_generator(batch_offset + i): seeds differ per batch
+    draws = [torch.rand(4, generator=F.batch_generator(i)) for i in range(3)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
 def _mc_error(model, criterion, data, G, samples, seeds):
     errs = [rel(torchcurv.MCFisherOperator(model, criterion, data, mc_samples=samples,
                                            seed=s).to_dense(), G) for s in seeds]

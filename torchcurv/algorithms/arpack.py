@@ -36,10 +36,11 @@ def arpack_eigsh(
 ) -> EigshResult:
     """``k`` eigenpairs of ``op`` by ``scipy.sparse.linalg.eigsh``.
 
+    ``op``, ``k``, ``which``, ``tol``, ``maxiter``, ``seed``, ``return_eigenvectors``: as
+    for :func:`torchcurv.eigsh`; ``which`` in LA, SA, LM, SM, BE; ``maxiter`` is ARPACK's
+    restart limit (default ``10 n``).
+
     Args:
-        op, k, which, tol, maxiter, seed, return_eigenvectors: see :func:`torchcurv.eigsh`;
-            ``which`` in LA, SA, LM, SM, BE; ``maxiter`` is ARPACK's restart limit
-            (default ``10 n``).
         ncv: Lanczos basis size (scipy's default ``min(n, max(2k + 1, 20))``).
         v0: ``(n,)`` start vector (NumPy or torch); default a standard-normal vector
             drawn from ``seed`` (:func:`~torchcurv.algorithms.result.start_block`), so

@@ -54,9 +54,11 @@ def block_eigsh(
 ) -> EigshResult:
     """``k`` eigenpairs by thick-restart block Lanczos, one ``matmat`` per block step.
 
+    ``op``, ``k``, ``which``, ``tol``, ``maxiter``, ``seed``, ``return_eigenvectors``,
+    ``basis_dtype``, ``basis_device``, ``callback``, ``progress``: as for
+    :func:`~torchcurv.algorithms.lanczos.lanczos_eigsh`.
+
     Args:
-        op, k, which, tol, maxiter, seed, return_eigenvectors, basis_dtype, basis_device,
-            callback, progress: as for :func:`~torchcurv.algorithms.lanczos.lanczos_eigsh`.
         block_size: vectors per ``matmat`` (``p``); default ``min(k, 16)`` (at least 2).
             Choose ``p >= r`` to find an eigenvalue of multiplicity ``r``.
         ncv: basis size, ``k + block_size <= ncv <= n``; default

@@ -124,9 +124,10 @@ def compare_backends(
 ) -> BackendComparison:
     """Run :func:`torchcurv.eigsh` with each backend on ``op`` and compare the answers.
 
+    ``op``, ``k``, ``which``, ``tol``, ``maxiter``, ``seed``: as in
+    :func:`torchcurv.eigsh`, the same for every backend.
+
     Args:
-        op, k, which, tol, maxiter, seed: as in :func:`torchcurv.eigsh`, the same for
-            every backend.
         backends: backend names, run in this order; the first that runs is the
             reference for eigenvalue agreement.
         options: per-backend extra options, e.g. ``{"arpack": {"ncv": 40}}``.

@@ -43,8 +43,10 @@ def cupy_eigsh(
 ) -> EigshResult:
     """``k`` eigenpairs of a CUDA operator by ``cupyx.scipy.sparse.linalg.eigsh``.
 
+    ``op``, ``k``, ``tol``, ``seed``, ``return_eigenvectors``: as for
+    :func:`torchcurv.eigsh`.
+
     Args:
-        op, k, tol, seed, return_eigenvectors: see :func:`torchcurv.eigsh`.
         which: 'LA', 'SA' or 'LM'.
         maxiter: Lanczos steps over all runs (CuPy's default ``10 n``).
         ncv: basis size (CuPy's default ``min(max(2k, k + 32), n - 1)``).

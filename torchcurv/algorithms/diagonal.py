@@ -24,6 +24,7 @@ from torchcurv.algorithms.probing import (
     work_dtype,
 )
 from torchcurv.algorithms.trace import Apply
+from torchcurv.distributed.reduce import common_seed
 from torchcurv.operators.base import LinearOperator
 
 DIAGONAL_METHODS = ("hutchinson", "xdiag", "exact")
@@ -93,7 +94,10 @@ def diagonal(
         method: ``"hutchinson"``, ``"xdiag"`` or ``"exact"``.
         seed: seed of a fresh CPU generator for the probes: the same seed gives the same
             probes on every device and for every ``block_size``, hence the same result on
-            a device (to rounding across block sizes).
+            a device (to rounding across block sizes). On a distributed operator
+            (``op.distributed``) with ``seed=None`` and no ``generator``, rank 0 draws a
+            seed from its global generator and broadcasts it, so that every rank uses the
+            same probes (docs/distributed.md).
         generator: a ``torch.Generator`` to draw the probes from instead, on its device.
             Without either, torch's global CPU generator is used.
         distribution: ``"rademacher"`` (recommended) or ``"gaussian"``.
@@ -120,6 +124,8 @@ def diagonal(
             f"num_matvecs={m} gives xdiag a sketch of {m // 2} vectors, more than n={op.n}; "
             "with this budget use method='exact'"
         )
+    if generator is None:
+        seed = common_seed(op, seed)
     probes = ProbeSource(op.n, distribution, work_dtype(op.dtype), op.device, seed, generator)
     with BudgetedProducts(op, m, block_size, progress, callback, f"diagonal ({method})") as apply:
         if method == "hutchinson":

@@ -102,6 +102,8 @@ def eigsh(
             result's ``converged`` flags check exactly this after the solve.
         maxiter: the backend's iteration limit (its own default when ``None``).
         seed: seed of the random start vector(s); the same seed gives the same run.
+            ``None`` means 0 for every backend, so the start is the same on every rank
+            of a distributed operator without any communication.
         return_eigenvectors: ``False`` returns eigenvalues only (residuals NaN).
         **backend_options: passed to the backend (e.g. ``ncv``, ``v0`` for arpack;
             ``block_size`` for lobpcg); unknown names are an error.

@@ -132,6 +132,14 @@ class KrylovBasis:
         upper triangular: ``W[j] = sum_i R[i, j] Q[i]``) and a ``(b, p)`` bool mask of
         numerically dependent columns (breakdown).
         """
+        if W.shape[1] == 1:
+            # One direction: QR is a normalisation. A Householder QR of an (n, 1) matrix
+            # costs several cuSOLVER launches and syncs per Lanczos step for nothing.
+            norm = W.norm(dim=-1, keepdim=True)
+            R = norm.double().cpu()
+            dependent = R[:, :, 0] <= self._breakdown_threshold()
+            # dependent rows are rebuilt by next_block; keep them finite meanwhile
+            return W / norm.clamp_min(torch.finfo(W.dtype).tiny), R, dependent
         Qt, R = torch.linalg.qr(W.transpose(1, 2))
         sign = torch.where(torch.diagonal(R, dim1=1, dim2=2) < 0, -1.0, 1.0).to(R.dtype)
         Qt, R = Qt * sign[:, None, :], R * sign[:, :, None]

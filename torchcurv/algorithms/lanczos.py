@@ -93,8 +93,9 @@ def lanczos_eigsh(
         return_eigenvectors: also return the ``(n, k)`` eigenvectors.
         ncv: basis size, ``k + 1 <= ncv <= n``; default ``min(n, max(2k + 1, 20))``.
         v0: start vector ``(n,)`` (overrides ``seed`` for the start).
-        basis_dtype, basis_device: where the ``ncv x n`` basis is stored (default: the
-            operator's dtype and device).
+        basis_dtype: dtype in which the ``ncv x n`` basis is stored (default: the
+            operator's).
+        basis_device: device on which the basis is stored (default: the operator's).
         callback: called after every restart cycle with a dict (``restart``,
             ``num_matvecs``, ``ritz_values`` and ``residual_estimates`` of the wanted
             pairs, ``num_converged``).

@@ -47,8 +47,10 @@ def lobpcg_eigsh(
 ) -> EigshResult:
     """``k`` extreme eigenpairs of ``op`` by ``scipy.sparse.linalg.lobpcg``.
 
+    ``op``, ``k``, ``tol``, ``seed``, ``return_eigenvectors``: as for
+    :func:`torchcurv.eigsh`.
+
     Args:
-        op, k, tol, seed, return_eigenvectors: see :func:`torchcurv.eigsh`.
         which: 'LA' or 'SA' (LOBPCG has no 'LM'/'SM'/'BE').
         maxiter: LOBPCG iterations over all rounds (default 200; scipy's own default
             of 20 rarely reaches 1e-6). Counted from operator calls, so approximate

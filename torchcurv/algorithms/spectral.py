@@ -27,6 +27,7 @@ import torch
 from torchcurv.algorithms.arguments import synchronized_clock
 from torchcurv.algorithms.krylov import KrylovBasis
 from torchcurv.algorithms.probing import DISTRIBUTIONS, ProbeSource, check_choice, check_operator
+from torchcurv.distributed.reduce import common_seed
 from torchcurv.errors import MissingExtraError
 
 GRID_POINTS = 2001
@@ -179,7 +180,8 @@ def spectral_density(
             moments up to order ``2 * lanczos_steps - 1`` are exact per probe.
         seed: seeds the probes; same seed, same result on the same device. ``None``
             draws from torch's global generator (``torch.manual_seed``), like
-            :func:`torchcurv.trace`.
+            :func:`torchcurv.trace`; on a distributed operator rank 0's draw is
+            broadcast so that every rank uses the same probes.
         grid: eigenvalue positions ``(G,)`` for the density, or a number of points; by
             default ``2001`` points, uniform in the coordinate, covering the nodes plus
             ``6 sigma`` on each side.
@@ -208,6 +210,7 @@ def spectral_density(
         raise ValueError(f"linear_width must be positive, got {linear_width}")
     steps = min(lanczos_steps, op.n)
 
+    seed = common_seed(op, seed)
     source = ProbeSource(op.n, probe, torch.float64, torch.device("cpu"), seed=seed)
     # Breakdown replacements (rare) get their own stream, so they never shift the probes.
     replacement_seed = int(torch.randint(2**62, ())) if seed is None else seed

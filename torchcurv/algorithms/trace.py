@@ -26,6 +26,7 @@ from torchcurv.algorithms.probing import (
     leave_one_out_directions,
     work_dtype,
 )
+from torchcurv.distributed.reduce import common_seed
 from torchcurv.operators.base import LinearOperator
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
@@ -100,7 +101,10 @@ def trace(
         method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
         seed: seed of a fresh CPU generator for the probes: the same seed gives the same
             probes on every device and for every ``block_size``, hence the same result on
-            a device (to rounding across block sizes).
+            a device (to rounding across block sizes). On a distributed operator
+            (``op.distributed``) with ``seed=None`` and no ``generator``, rank 0 draws a
+            seed from its global generator and broadcasts it, so that every rank uses the
+            same probes (docs/distributed.md).
         generator: a ``torch.Generator`` to draw the probes from instead, on its device
             (for very large ``n`` a CUDA generator avoids drawing on the host). Without
             ``seed`` and ``generator`` the probes come from torch's global CPU generator
@@ -135,6 +139,8 @@ def trace(
             "torchcurv.diagonal(op, method='exact').estimate.sum()"
         )
     dtype = work_dtype(op.dtype)
+    if generator is None:
+        seed = common_seed(op, seed)
     probes = ProbeSource(op.n, distribution, dtype, op.device, seed, generator)
     with BudgetedProducts(op, m, block_size, progress, callback, f"trace ({method})") as apply:
         if method == "hutchinson":

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from torchcurv.data import check_reiterable, fingerprint, iterate
@@ -21,6 +22,7 @@ from torchcurv.distributed.reduce import (
     all_reduce_scalar,
     assert_same_on_all_ranks,
     is_distributed,
+    rank_counts,
 )
 from torchcurv.errors import NondeterminismError, NonFiniteLossError
 from torchcurv.objectives import Objective, as_objective
@@ -76,6 +78,18 @@ class CurvatureOperator(ParameterOperator):
     (:func:`~torchcurv.operators.attention.differentiable_attention`), the only one that
     double backward and forward-mode AD go through. For float16 / bfloat16 models the
     batch products are summed (and all-reduced) in float32 and rounded once at the end.
+
+    Vectors are always the full ``(n,)`` / ``(n, m)`` vectors over all selected
+    parameters, identical on every rank, also for a model sharded with FSDP2
+    (``torch.distributed.fsdp.fully_shard``: ``n`` counts the unsharded parameters);
+    only :class:`~torchcurv.HessianOperator` with ``method="finite_difference"``
+    supports FSDP2 models (docs/distributed.md).
+
+    Attributes:
+        batch_counts: number of batches on each rank of the group (``[len(data)]`` when
+            local), known after construction.
+        batch_offset: number of batches on lower ranks: this rank's batch ``i`` is batch
+            ``batch_offset + i`` of the data set (the ranks' shards in rank order).
     """
 
     def __init__(
@@ -100,6 +114,16 @@ class CurvatureOperator(ParameterOperator):
             process_group = process_group if process_group is not None else model.process_group
             distributed = True if distributed is None else distributed
             model = model.module
+        fsdp_group = _fsdp_group(model)
+        if fsdp_group is not None:
+            process_group = process_group if process_group is not None else fsdp_group
+            if distributed is False:
+                raise ValueError(
+                    "the model is sharded with FSDP2 (its parameters are DTensors), so its "
+                    "products need every rank: distributed=False is not possible"
+                )
+            distributed = True
+        self.fsdp = fsdp_group is not None
         self.process_group = process_group
         self.distributed = (
             is_distributed(process_group) if distributed is None else bool(distributed)
@@ -112,6 +136,13 @@ class CurvatureOperator(ParameterOperator):
         self.model = model
         self.objective = as_objective(criterion)
         self.param_names, self.params = select_parameters(model, params, param_filter)
+        if self.fsdp and not self._supports_fsdp():
+            raise TypeError(
+                f"{type(self).__name__} does not support FSDP2-sharded models (double "
+                "backward and forward-mode AD do not pass through fully_shard); use "
+                "HessianOperator(..., method='finite_difference'), which needs only "
+                "gradients"
+            )
         super().__init__(self.params)
         check_reiterable(data)
         self.data = data
@@ -163,30 +194,57 @@ class CurvatureOperator(ParameterOperator):
             raise ValueError("data is empty: it yielded no batch")
         weights = [[float(w) for w in ws] for ws in weights]
         total = float(sum(sum(ws) for ws in weights))
+        self.batch_counts, self.batch_offset = [len(weights)], 0
         if self.distributed:  # the data set is the union of the ranks' shards
             total = all_reduce_scalar(total, self.device, self.process_group)
             if total == 0 and not weights:
                 raise ValueError("data is empty on every rank: no batch anywhere")
+            self.batch_counts = rank_counts(len(weights), self.device, self.process_group)
+            self.batch_offset = sum(self.batch_counts[:dist.get_rank(self.process_group)])
+            if self.fsdp and min(self.batch_counts) == 0:
+                raise ValueError(
+                    f"batches per rank are {self.batch_counts}: with an FSDP2 model every "
+                    "rank needs at least one batch (its forward and backward passes are "
+                    "collectives)"
+                )
         if total <= 0:
             raise ValueError(
                 f"the data set has {total} loss terms (all targets ignored?); nothing to "
                 "differentiate"
             )
         if check:
-            again = [fingerprint(b) for b in iterate(self.data, self.device)]
-            if again != prints:
-                raise NondeterminismError(
-                    "the data gives different batches on two passes (shuffle=True, random "
-                    "augmentation, or a sampler with state?); curvature products walk the data "
-                    "once per product and need the same batches each time. Use shuffle=False "
-                    "or pass check_deterministic=False"
-                )
-            if weights:
-                self._check_loss_repeatable()
-            # The data proved repeatable: reuse the weights instead of recounting the
-            # targets (a few small kernels and, per microbatch, a host sync) per product.
-            self._batch_weights = weights
+            if not self.distributed:
+                self._check_repeatable(weights, prints)
+            else:
+                # A rank failing its checks tells the others, which would otherwise wait
+                # in their first product's all-reduce until the timeout.
+                try:
+                    self._check_repeatable(weights, prints)
+                except Exception:
+                    all_reduce_scalar(1.0, self.device, self.process_group)
+                    raise
+                failed = all_reduce_scalar(0.0, self.device, self.process_group)
+                if failed:
+                    raise RuntimeError(
+                        f"{round(failed)} other rank(s) failed the operator's construction "
+                        "checks; see their tracebacks"
+                    )
         return total
+
+    def _check_repeatable(self, weights: list[list[float]], prints: list[tuple]) -> None:
+        again = [fingerprint(b) for b in iterate(self.data, self.device)]
+        if again != prints:
+            raise NondeterminismError(
+                "the data gives different batches on two passes (shuffle=True, random "
+                "augmentation, or a sampler with state?); curvature products walk the data "
+                "once per product and need the same batches each time. Use shuffle=False "
+                "or pass check_deterministic=False"
+            )
+        if weights:
+            self._check_loss_repeatable()
+        # The data proved repeatable: reuse the weights instead of recounting the
+        # targets (a few small kernels and, per microbatch, a host sync) per product.
+        self._batch_weights = weights
 
     def _check_loss_repeatable(self) -> None:
         batch = next(iter(iterate(self.data, self.device)))
@@ -204,6 +262,12 @@ class CurvatureOperator(ParameterOperator):
             )
 
     def _check_splittable(self) -> None:
+        if self.fsdp:
+            raise ValueError(
+                "microbatch_size is not supported for FSDP2-sharded models: every rank must "
+                "join the same number of FSDP passes, which microbatches of unequal "
+                "batches would break; split the batches in the data loader instead"
+            )
         refuse_batch_coupling(self.model)
         if self.objective.reduction == "mean" and self.objective.weight is None:
             raise ValueError(
@@ -251,6 +315,10 @@ class CurvatureOperator(ParameterOperator):
     def _perturbed_params(self) -> Sequence[torch.Tensor]:
         """Parameters a product perturbs in place (restored afterwards)."""
         return ()
+
+    def _supports_fsdp(self) -> bool:
+        """Whether products work on an FSDP2-sharded model (set before ``__init__``)."""
+        return False
 
     def _batches(self):
         """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum').
@@ -317,6 +385,11 @@ class CurvatureOperator(ParameterOperator):
             assert_same_on_all_ranks(V, self.process_group)
         reduce = dict(shape=tuple(V.shape), dtype=accumulation_dtype(self.dtype),
                       device=self.device, group=self.process_group)
+        if self.fsdp:
+            # FSDP's reduce-scatter has already summed the ranks' gradients, so only the
+            # counters travel. A rank failing inside FSDP's own collectives cannot flag
+            # it: the others then raise when the process group's timeout expires.
+            reduce["shape"] = (0,)
         try:
             out, losses = self._local_matmat(V)
             bad = losses.nonfinite_batches()
@@ -324,7 +397,8 @@ class CurvatureOperator(ParameterOperator):
             # Join the collective with a failure flag so the other ranks raise too.
             all_reduce_product(None, nonfinite=0, failed=True, **reduce)
             raise
-        reduced = all_reduce_product(out, nonfinite=len(bad), failed=False, **reduce)
+        reduced = all_reduce_product(None if self.fsdp else out, nonfinite=len(bad),
+                                     failed=False, **reduce)
         if reduced.failed_ranks:
             raise RuntimeError(
                 f"{reduced.failed_ranks} other rank(s) raised during this curvature product; "
@@ -335,7 +409,7 @@ class CurvatureOperator(ParameterOperator):
             raise NonFiniteLossError(
                 f"the loss is not finite on {reduced.nonfinite} batch(es) of other ranks"
             )
-        return reduced.value.to(self.dtype)
+        return (out if self.fsdp else reduced.value).to(self.dtype)
 
 
 class BatchLosses:
@@ -373,3 +447,21 @@ class BatchLosses:
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sum 16-bit batch products in float32: bf16 keeps 8 bits, lost after ~100 batches."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _fsdp_group(model: nn.Module) -> Any:
+    """The process group an FSDP2 (``fully_shard``) model is sharded over, else ``None``."""
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    meshes = {id(p.device_mesh): p.device_mesh for p in model.parameters()
+              if isinstance(p, DTensor)}
+    if not meshes:
+        return None
+    if len(meshes) > 1 or next(iter(meshes.values())).ndim != 1:
+        raise ValueError(
+            "torchcurv supports FSDP2 models sharded over one 1-D device mesh (not HSDP or "
+            "tensor parallelism)"
+        )
+    return next(iter(meshes.values())).get_group()

@@ -42,10 +42,10 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     :class:`~torchcurv.GGNOperator`). Works with any criterion or
     :class:`~torchcurv.Objective` whose batch loss is a sum over samples.
 
-    Args:
-        model, criterion, data, params, param_filter, jvp, check_deterministic,
-            process_group, distributed, debug_distributed, microbatch_size: see
-            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    Arguments (``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``):
+    as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
     """
 
     def _output_curvature(self, output, batch, scale):
@@ -57,9 +57,6 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
 class MCFisherOperator(OutputSpaceOperator):
     """Monte-Carlo Fisher: ``c sum_r Jᵀ (1/S sum_k g_rk g_rkᵀ) J`` with ``g`` sampled.
 
-    With several ranks (``distributed``) every rank restarts from the same seed and
-    draws for its own shard.
-
     Labels are drawn per sample from the model's predictive distribution (categorical for
     ``CrossEntropyLoss``, Bernoulli for ``BCEWithLogitsLoss``, ``N(f, I/2)`` for
     ``MSELoss``) and ``g`` is the output gradient of the negative log-likelihood,
@@ -70,14 +67,26 @@ class MCFisherOperator(OutputSpaceOperator):
     ``seed`` (or from the state ``generator`` had at construction), so all products, and
     all columns of a block, see the same labels.
 
+    Two ways to draw (``per_batch_seeds``): one stream through all batches in order (the
+    single-process default; curvlinops' ``FisherMCLinearOperator`` draws the same labels),
+    or a fresh generator per batch, seeded from ``(seed, global batch index)``. The
+    latter is the default on a distributed operator: rank ``r``'s batch ``i`` is global
+    batch ``batch_offset + i`` (the shards in rank order), so the distributed operator
+    equals the single-process one with ``per_batch_seeds=True`` on the concatenated
+    shards, and no two batches anywhere share draws.
+
+    ``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``: as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+
     Args:
-        model, criterion, data, params, param_filter, jvp, check_deterministic,
-            process_group, distributed, debug_distributed, microbatch_size: see
-            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
         mc_samples: labels drawn per sample and product.
         seed: seeds a ``torch.Generator`` on the operator's device.
         generator: alternatively, a generator on that device whose current state is used
             (the generator itself is never advanced).
+        per_batch_seeds: draw each batch's labels from its own generator seeded from
+            ``seed`` (or one number drawn from ``generator``'s state) and the global batch
+            index; default ``True`` when distributed, else ``False``.
     """
 
     def __init__(
@@ -97,6 +106,7 @@ class MCFisherOperator(OutputSpaceOperator):
         distributed: bool | None = None,
         debug_distributed: bool = False,
         microbatch_size: int | None = None,
+        per_batch_seeds: bool | None = None,
     ) -> None:
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
@@ -123,6 +133,10 @@ class MCFisherOperator(OutputSpaceOperator):
                 )
             self._state = generator.get_state()
         self._rng: torch.Generator | None = None
+        self.per_batch_seeds = self.distributed if per_batch_seeds is None else bool(
+            per_batch_seeds)
+        self._base_seed = self.seed if self._state is None else int(
+            torch.randint(2**62, (), generator=self.fresh_generator(), device=self.device))
 
     def fresh_generator(self) -> torch.Generator:
         """A generator in the state every product starts from."""
@@ -132,6 +146,21 @@ class MCFisherOperator(OutputSpaceOperator):
         else:
             rng.manual_seed(self.seed)
         return rng
+
+    def batch_generator(self, index: int) -> torch.Generator:
+        """The generator global batch ``index`` draws from when ``per_batch_seeds``."""
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(_splitmix64(_splitmix64(self._base_seed) ^ index))
+        return rng
+
+    def _batches(self):
+        current = None
+        for i, batch, scale in super()._batches():
+            # microbatches of one batch continue its generator's stream
+            if self.per_batch_seeds and i != current:
+                self._rng = self.batch_generator(self.batch_offset + i)
+                current = i
+            yield i, batch, scale
 
     def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         self._rng = self.fresh_generator()
@@ -148,3 +177,11 @@ class MCFisherOperator(OutputSpaceOperator):
             self.mc_samples, self._rng,
         )
         return loss, factors
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function: nearby inputs give unrelated 63-bit seeds."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1

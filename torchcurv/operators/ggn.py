@@ -29,10 +29,10 @@ class GGNOperator(OutputSpaceOperator):
     For ``m = 1`` that is about two gradients' worth with ``"forward"`` and
     ``"finite_difference"``, three with ``"double_vjp"``.
 
-    Args:
-        model, criterion, data, params, param_filter, jvp, check_deterministic,
-            process_group, distributed, debug_distributed, microbatch_size: see
-            :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    Arguments (``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``):
+    as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
     """
 
     def _output_curvature(self, output, batch, scale):

@@ -6,15 +6,17 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from torchcurv.distributed.reduce import all_reduce_scalar
 from torchcurv.objectives import Objective
 from torchcurv.operators.curvature import (
     BatchLosses,
     CurvatureOperator,
     accumulation_dtype,
 )
-from torchcurv.operators.functional import batched_hvp, loss_and_grads
+from torchcurv.operators.functional import batched_hvp, loss_and_grads, scaled
 from torchcurv.operators.model_guard import preserved
 
 Batch = Any
@@ -29,10 +31,11 @@ class HessianOperator(CurvatureOperator):
     terms for ``reduction="mean"`` and summed for ``"sum"`` (see
     :mod:`torchcurv.objectives`). ``n`` is the number of selected parameter entries.
 
+    ``model``, ``criterion``, ``data``, ``params``, ``param_filter``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``: as for :class:`~torchcurv.operators.curvature.CurvatureOperator`.
+
     Args:
-        model, criterion, data, params, param_filter, check_deterministic,
-            process_group, distributed, debug_distributed, microbatch_size: see
-            :class:`~torchcurv.operators.curvature.CurvatureOperator`.
         method: how Hessian-vector products are computed.
 
             - ``"autograd"`` (default): exact double backward, for every op autograd
@@ -46,7 +49,12 @@ class HessianOperator(CurvatureOperator):
               ``(g(theta + h v) - g(theta - h v)) / 2h`` with
               ``h = eps^(1/3) (1 + ||theta||) / ||v||``; for setups where double backward is
               impossible. Bias is ``O(h^2)``: about 1e-10 relative in float64 and 1e-4 in
-              float32 on well-scaled models. Costs two gradients per vector.
+              float32 on well-scaled models. Costs two gradients per vector. The only
+              method for models sharded with FSDP2 (``fully_shard``): gradients then
+              come from ``loss.backward()`` through FSDP's own reduce-scatter, every
+              rank runs as many passes as the rank with the most batches (extra passes
+              on the first batch with weight 0), and each rank holds full ``(n,)``
+              vectors (docs/distributed.md).
     """
 
     def __init__(
@@ -77,6 +85,9 @@ class HessianOperator(CurvatureOperator):
     def _perturbed_params(self) -> Sequence[torch.Tensor]:
         return self.params if self.method == "finite_difference" else ()
 
+    def _supports_fsdp(self) -> bool:
+        return self.method == "finite_difference"
+
     def _batch_matmat(self, batch, scale, blocks):
         if self.method == "finite_difference":
             raise AssertionError("finite differences walk the data per vector")  # see _matmat
@@ -88,10 +99,17 @@ class HessianOperator(CurvatureOperator):
     def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         if self.method != "finite_difference":
             return super()._local_matmat(V)
-        return self._finite_difference_matmat(V)
+        if not self.fsdp:
+            return self._finite_difference_matmat(V)
+        try:
+            return self._finite_difference_matmat(V)
+        finally:  # no unsharded copy of perturbed values survives an error
+            self._reshard()
 
     # -- finite differences --------------------------------------------------------
     def _full_gradient(self, losses: BatchLosses) -> list[torch.Tensor]:
+        if self.fsdp:
+            return self._fsdp_gradient(losses)
         acc = accumulation_dtype(self.dtype)
         total = [torch.zeros_like(p, dtype=acc) for p in self.params]
         for i, batch, scale in self._batches():
@@ -101,12 +119,70 @@ class HessianOperator(CurvatureOperator):
                 t.add_(g)
         return total
 
+    def _fsdp_gradient(self, losses: BatchLosses) -> list[torch.Tensor]:
+        """The full gradient of the data set's loss on every rank, through FSDP2.
+
+        ``backward()`` (FSDP's hooks run on it, not on ``autograd.grad``) with the loss
+        scaled by the world size, since FSDP's reduce-scatter averages over the ranks.
+        Ranks with fewer batches run extra passes with weight 0 so that every rank joins
+        the same number of FSDP collectives.
+        """
+        world = dist.get_world_size(self.process_group)
+        self._reshard()
+        for p in self.params:
+            p.grad = None
+        first = None
+        count = 0
+        with torch.enable_grad():
+            for i, batch, scale in self._batches():
+                first = batch if first is None else first
+                loss = self.objective(self.model, batch)
+                scaled(loss, scale * world).backward()
+                losses.add(i, loss)
+                count += 1
+            for _ in range(max(self.batch_counts) - count):
+                scaled(self.objective(self.model, first), 0.0).backward()
+        grads = [torch.zeros(p.shape, dtype=p.dtype, device=self.device) if p.grad is None
+                 else p.grad.full_tensor() for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return grads
+
+    def _reshard(self) -> None:
+        """Drop FSDP's unsharded copies of the parameters.
+
+        FSDP2 keeps the root module's parameters unsharded after a forward (e.g. the
+        no-grad loss check at construction, or the caller's own); the next forward would
+        reuse them and miss the in-place perturbation of the sharded parameters.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def _as_param(self, piece: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """``piece`` (full, parameter-shaped) laid out like ``param`` (a DTensor shard)."""
+        if not self.fsdp:
+            return piece
+        from torch.distributed.tensor import distribute_tensor
+
+        # src_data_rank=None: every rank cuts its shard from its own (identical) copy.
+        return distribute_tensor(piece, param.device_mesh, param.placements,
+                                 src_data_rank=None)
+
+    def _norm(self, tensors: list[torch.Tensor]) -> float:
+        if not self.fsdp:
+            return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
+        local = float(sum((t.to_local().double() ** 2).sum() for t in tensors))
+        return all_reduce_scalar(local, self.device, self.process_group) ** 0.5
+
     def _finite_difference_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         eps = torch.finfo(self.dtype).eps
         columns, losses = [], BatchLosses()
         with preserved(self.model, self.params):
             origin = [p.detach().clone() for p in self.params]
-            theta_norm = float(torch.sqrt(sum((o.double() ** 2).sum() for o in origin)))
+            theta_norm = self._norm(origin)
             for j in range(V.shape[1]):
                 v = V[:, j]
                 v_norm = float(v.norm())
@@ -119,7 +195,7 @@ class HessianOperator(CurvatureOperator):
                 for sign in (1.0, -1.0):
                     with torch.no_grad():
                         for p, o, d in zip(self.params, origin, pieces):
-                            p.copy_(o + (sign * h) * d)
+                            p.copy_(o + (sign * h) * self._as_param(d, p))
                     sides.append(self.flatten(self._full_gradient(losses)))
                 columns.append((sides[0] - sides[1]) / (2 * h))
         return torch.stack(columns, dim=1), losses

@@ -33,10 +33,11 @@ Batch = Any
 class OutputSpaceOperator(CurvatureOperator):
     """Base of the ``Jᵀ C J`` operators; subclasses supply the output-space ``C_b``.
 
+    ``model``, ``criterion``, ``data``, ``params``, ``param_filter``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``: as for :class:`~torchcurv.operators.curvature.CurvatureOperator`.
+
     Args:
-        model, criterion, data, params, param_filter, check_deterministic,
-            process_group, distributed, debug_distributed, microbatch_size: see
-            :class:`~torchcurv.operators.curvature.CurvatureOperator`.
         jvp: how ``J V`` is computed:
 
             - ``"forward"`` (default): ``torch.func.jvp`` vmapped over the block. Needs

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One device-machine call per stage; every stage writes JSON lines / logs into $OUT.
+#
+#   bash benchmarks/device_run.sh tests      # every gpu-marked test (CUDA, Triton, CuPy)
+#   bash benchmarks/device_run.sh kernels    # CE-HVP microbenchmark with copy bandwidth
+#   bash benchmarks/device_run.sh products   # HVP / GGN products vs gradient, with peers
+#   bash benchmarks/device_run.sh solvers    # eigensolver backends, with peers
+#   bash benchmarks/device_run.sh lm         # GPT-2-style LM scale (eager and sdpa)
+#
+# The device image has torch, triton, cupy, transformers but not the peers or pytest:
+# carry their wheels in .whl/ (git-ignored); they are installed into /tmp/site here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl >/dev/null 2>&1
+fi
+export PYTHONPATH=/tmp/site:.:benchmarks
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+status=0
+run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
+    local name=$1; shift
+    echo "== $name: $*"
+    local t0=$SECONDS
+    "$@" > "$OUT/$name.log" 2>&1 || { status=1; echo "!! $name failed"; }
+    tail -n 15 "$OUT/$name.log"
+    echo "== $name took $((SECONDS - t0)) s"
+}
+for stage in "$@"; do
+    case $stage in
+        tests)
+            run gpu_tests python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" \
+                -o addopts= -rs tests
+            run triton_kernel_tests python3 -m pytest -q -p no:cacheprovider -o addopts= \
+                tests/test_ce_hvp_triton.py ;;
+        kernels)
+            run ce_hvp python3 benchmarks/ce_hvp.py --out "$OUT/ce_hvp_h100.jsonl" ;;
+        products)
+            run curvature_products python3 benchmarks/curvature_products.py \
+                --out "$OUT/curvature_products_h100.jsonl"
+            run ggn_products python3 benchmarks/ggn_products.py --out "$OUT/ggn_products_h100.jsonl" ;;
+        solvers)
+            run eigsh_backends python3 benchmarks/eigsh_backends.py
+            run eigsolvers python3 benchmarks/eigsolvers.py --out "$OUT/eigsolvers_h100.jsonl"
+            run profile_lanczos python3 benchmarks/profile_lanczos.py \
+                --out "$OUT/profile_lanczos_h100.jsonl" ;;
+        lm)
+            run lm_scale python3 benchmarks/lm_scale.py --out "$OUT/lm_scale_h100.jsonl" ;;
+        *) echo "unknown stage $stage"; status=2 ;;
+    esac
+done
+exit $status
