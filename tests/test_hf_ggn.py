@@ -70,3 +70,20 @@ def test_ggn_loss_hessian_goes_through_the_ce_kernel(monkeypatch, exact):
                               param_filter=PARAMS)
     G @ torch.ones(G.n, dtype=torch.float64)
     assert len(calls) == 2  # one per batch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cuda_ggn_with_the_auto_ce_backend_equals_the_cpu_ggn(attn):
+    """On CUDA the loss Hessian goes through the Triton kernel (backend "auto")."""
+    data = lm_batches(sizes=(4, 4))
+    objective = torchcurv.causal_lm_objective()
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = gpt2(attn, dtype=torch.float32).to(device)
+        batches = [{k: v.to(device) for k, v in b.items()} for b in data]
+        G = torchcurv.GGNOperator(model, objective, batches, param_filter=PARAMS,
+                                  microbatch_size=2)
+        V = torch.linspace(-1, 1, G.n * 3, device=device).reshape(G.n, 3)
+        out[device] = G.matmat(V).double().cpu()
+    assert rel(out["cuda"], out["cpu"]) < 1e-4

@@ -64,6 +64,15 @@ class CurvatureOperator(ParameterOperator):
             under torchrun).
         debug_distributed: check on every product that all ranks multiply the same
             vectors (one extra small all-reduce).
+        microbatch_size: split every batch into chunks of at most this many examples
+            (dim 0 of every tensor in the batch, dict batches too), each weighted by its
+            own loss-term count, to bound the memory of one product. The operator is the
+            same matrix (up to rounding; the Monte-Carlo Fisher draws other labels).
+            Refused for models that mix the examples of a batch (BatchNorm in train mode)
+            and for mean-reduced objectives without a ``weight``; with
+            ``check_deterministic``, the first splittable batch's loss is also checked to
+            be the weighted mean of its microbatches' losses. Microbatches without loss
+            terms (all targets padding) are skipped.
 
     Vectors are always the full ``(n,)`` / ``(n, m)`` vectors over all selected
     parameters, identical on every rank, also for a model sharded with FSDP2
@@ -253,6 +262,12 @@ class CurvatureOperator(ParameterOperator):
             )
 
     def _check_splittable(self) -> None:
+        if self.fsdp:
+            raise ValueError(
+                "microbatch_size is not supported for FSDP2-sharded models: every rank must "
+                "join the same number of FSDP passes, which microbatches of unequal "
+                "batches would break; split the batches in the data loader instead"
+            )
         refuse_batch_coupling(self.model)
         if self.objective.reduction == "mean" and self.objective.weight is None:
             raise ValueError(

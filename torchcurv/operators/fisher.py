@@ -105,8 +105,8 @@ class MCFisherOperator(OutputSpaceOperator):
         process_group: Any = None,
         distributed: bool | None = None,
         debug_distributed: bool = False,
-        per_batch_seeds: bool | None = None,
         microbatch_size: int | None = None,
+        per_batch_seeds: bool | None = None,
     ) -> None:
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
