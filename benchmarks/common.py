@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torchcurv.operators.base import LinearOperator
+
 _OUT: list[Path] = []
 
 
@@ -103,3 +105,21 @@ def lm_objective():
         lambda model, batch: model(**batch).loss,
         weight=lambda batch: (batch["labels"][:, 1:] != -100).sum(),
     )
+
+
+class TimedOperator(LinearOperator):
+    """Delegates to ``inner`` and adds up the device-synchronised seconds of its products,
+    so a solver's wall time splits into products and everything else."""
+
+    def __init__(self, inner: LinearOperator) -> None:
+        super().__init__(inner.n, inner.dtype, inner.device)
+        self.inner = inner
+        self.seconds = 0.0
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = self.inner.matmat(V)
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out

@@ -33,32 +33,17 @@ import traceback
 import numpy as np
 import scipy.sparse.linalg as sla
 import torch
+from common import TimedOperator
 
 import torchcurv
 from torchcurv.algorithms.assemble import synchronize
 from torchcurv.algorithms.result import residual_norms, start_block
-from torchcurv.operators.base import LinearOperator
 
 
 def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-class TimedOperator(LinearOperator):
-    """Delegates to ``inner`` and adds up the synchronised seconds spent in products."""
-
-    def __init__(self, inner: LinearOperator) -> None:
-        super().__init__(inner.n, inner.dtype, inner.device)
-        self.inner = inner
-        self.seconds = 0.0
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        out = self.inner.matmat(V)
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - t0
-        return out
 
 
 def setup(device: torch.device, small: bool):

@@ -11,26 +11,9 @@ import argparse
 import time
 
 import torch
-from common import emit, machine, mlp_problem, sync, write_to
+from common import TimedOperator, emit, machine, mlp_problem, sync, write_to
 
 import torchcurv
-from torchcurv.operators.base import LinearOperator
-
-
-class TimedOperator(LinearOperator):
-    """Forwards products to ``op`` and adds up their device-synchronised seconds."""
-
-    def __init__(self, op: LinearOperator) -> None:
-        super().__init__(op.n, op.dtype, op.device)
-        self.op, self.seconds = op, 0.0
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        sync(self.device)
-        t0 = time.perf_counter()
-        out = self.op.matmat(V)
-        sync(self.device)
-        self.seconds += time.perf_counter() - t0
-        return out
 
 
 def main() -> None:
