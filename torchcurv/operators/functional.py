@@ -5,7 +5,7 @@ Blocks of vectors travel as per-parameter tensors of shape ``(m, *param.shape)``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -100,21 +100,23 @@ def _hvp_double_backward(model, objective, batch, scale, params, blocks):
             return loss, [torch.stack(c) for c in zip(*cols)]
 
 
-class _Bound(nn.Module):
-    """``objective(model, batch)`` as a module, so ``functional_call`` can swap weights."""
+class BoundCall(nn.Module):
+    """``call(model, batch)`` as a module without inputs, so ``functional_call`` can swap
+    the model's weights for tensors that ``torch.func`` transforms differentiate."""
 
-    def __init__(self, model: nn.Module, objective: Objective, batch: Batch) -> None:
+    def __init__(self, model: nn.Module, call: Callable[[nn.Module, Batch], torch.Tensor],
+                 batch: Batch) -> None:
         super().__init__()
         self.model = model
-        self._objective = objective
+        self._call = call
         self._batch = batch
 
     def forward(self) -> torch.Tensor:
-        return self._objective(self.model, self._batch)
+        return self._call(self.model, self._batch)
 
 
 def _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blocks):
-    bound = _Bound(model, objective, batch)
+    bound = BoundCall(model, objective, batch)
     keys = ["model." + n for n in names]
 
     def scaled_loss(*ps):

@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from torchcurv.objectives import Objective
+from torchcurv.operators.functional import BoundCall
 
 Batch = Any
 
@@ -24,19 +25,6 @@ def forward_with_graph(model: nn.Module, objective: Objective, batch: Batch) -> 
     """The batch's model output, recording the autograd graph to the parameters."""
     with torch.enable_grad():
         return objective.forward(model, batch)
-
-
-class _BoundForward(nn.Module):
-    """``objective.forward(model, batch)`` as a module, so ``functional_call`` can swap weights."""
-
-    def __init__(self, model: nn.Module, objective: Objective, batch: Batch) -> None:
-        super().__init__()
-        self.model = model
-        self._objective = objective
-        self._batch = batch
-
-    def forward(self) -> torch.Tensor:
-        return self._objective.forward(self.model, self._batch)
 
 
 def jvp_forward_mode(
@@ -51,7 +39,7 @@ def jvp_forward_mode(
 
     Costs about one extra forward pass with tangents per vector (batched).
     """
-    bound = _BoundForward(model, objective, batch)
+    bound = BoundCall(model, objective.forward, batch)
     keys = ["model." + n for n in names]
     primals = tuple(p.detach() for p in params)
 
