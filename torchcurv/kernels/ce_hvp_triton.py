@@ -9,14 +9,14 @@ One work item is a row ``r`` and a group of ``BLOCK_M`` right-hand sides. Its pr
 2. streams the row again, tiles in *reverse* order, writing
    ``out_j = (w / s) exp(z - m) (u_j - <p, u_j>)``.
 
-The reverse second pass re-reads first what the first pass read last, so with one or two
-programs per SM those tiles should still be in L2 (a design bet, to be confirmed on the
-GPU: see benchmarks/NOTES_ce_hvp.md); a row of fp32 logits and one direction at V=50304 is
-400 KB, and 132 of them about fill an H100's 50 MB L2. Items of one row are
-numbered consecutively so concurrent groups share the row's logits through L2. The grid is
-persistent (``PROGRAMS_PER_SM`` programs per SM, striding over items) to keep that working
-set bounded. Nothing of size (N, V) is allocated besides the output; accumulation is in
-float32 (float64 for float64 inputs).
+The reverse second pass re-reads first what the first pass read last, meant to find
+those tiles still in L2; measured on an H100 it does not pay off (58 % of copy bandwidth,
+the two-pass ceiling without reuse: benchmarks/NOTES_ce_hvp.md). A row of fp32 logits and
+one direction at V=50304 is 400 KB, and 132 of them about fill an H100's 50 MB L2. Items
+of one row are numbered consecutively so concurrent groups share the row's logits through
+L2. The grid is persistent (``PROGRAMS_PER_SM`` programs per SM, striding over items) to
+keep that working set bounded. Nothing of size (N, V) is allocated besides the output;
+accumulation is in float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
