@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,3 +125,59 @@ class TimedOperator(LinearOperator):
         sync(self.device)
         self.seconds += time.perf_counter() - t0
         return out
+
+
+def peak_gib(device, fn) -> float | None:
+    """Peak CUDA memory (GiB) while ``fn`` runs; ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def measure_products(problem, lib, method, op_matvec, op_matmat, n, device, t_grad, reps):
+    """Emit one product's time, ratio to the gradient and peak; then a block of 16."""
+    v = torch.randn(n, device=device)
+    t = timed(lambda: op_matvec(v), device, reps=reps)
+    rec = dict(problem=problem, lib=lib, method=method, what="hvp", ms=t * 1e3,
+               ratio_to_grad=t / t_grad, peak_gib=peak_gib(device, lambda: op_matvec(v)))
+    emit(**rec)
+    if op_matmat is not None:
+        V = torch.randn(n, 16, device=device)
+        t16 = timed(lambda: op_matmat(V), device, reps=max(2, reps // 2), warmup=1)
+        emit(problem=problem, lib=lib, method=method, what="matmat16", ms=t16 * 1e3,
+             ms_per_vec=t16 * 1e3 / 16, ratio_per_vec_to_grad=t16 / 16 / t_grad,
+             peak_gib=peak_gib(device, lambda: op_matmat(V)))
+
+
+def guarded(problem, lib, fn):
+    """Run ``fn``; an exception becomes an ``error`` record (a failing peer is a finding)."""
+    try:
+        fn()
+    except Exception as exc:  # a peer failing is a finding, not the end of the run
+        emit(problem=problem, lib=lib, error=repr(exc)[:400],
+             where=traceback.format_exc().splitlines()[-3][:200])
+
+
+def products_main(doc: str, bench_mlp, bench_gpt2) -> None:
+    """The command line shared by the product benchmarks: ``--device --small --reps
+    --only --out``; the MLP, then the GPT-2-style model with eager and sdpa attention."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="tiny sizes, for a CPU smoke run")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--only", choices=["mlp", "gpt2"], default=None)
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = ap.parse_args()
+    write_to(args.out)
+    device = torch.device(args.device)
+    emit(what="machine", **machine(device))
+    if args.only in (None, "mlp"):
+        bench_mlp(device, args.small, args.reps)
+    if args.only in (None, "gpt2"):
+        for attn in ("eager", "sdpa"):
+            guarded("gpt2", "setup", lambda attn=attn: bench_gpt2(device, args.small,
+                                                                  args.reps, attn))

@@ -13,11 +13,17 @@ installed. Target on an H100: GGN matvec <= 3x one gradient on the GPT-2-style m
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import emit, gpt2_problem, machine, mlp_problem, timed, write_to
-from curvature_products import _guarded, _measure, _peak
+from common import (
+    emit,
+    gpt2_problem,
+    guarded,
+    measure_products,
+    mlp_problem,
+    peak_gib,
+    products_main,
+    timed,
+)
 from torch import nn
 
 import torchcurv
@@ -51,10 +57,10 @@ def bench_mlp(device, small, reps):
             torch.autograd.grad(criterion(model(x), y), params)
 
     t_grad = timed(grad, device, reps=reps)
-    emit(problem="mlp", what="gradient", ms=t_grad * 1e3, peak_gib=_peak(device, grad))
+    emit(problem="mlp", what="gradient", ms=t_grad * 1e3, peak_gib=peak_gib(device, grad))
     for jvp in JVPS:
         G = torchcurv.GGNOperator(model, criterion, data, jvp=jvp)
-        _guarded("mlp", "torchcurv", lambda G=G, jvp=jvp: _measure(
+        guarded("mlp", "torchcurv", lambda G=G, jvp=jvp: measure_products(
             "mlp", "torchcurv", f"ggn/{jvp}", G.matvec, G.matmat, G.n, device, t_grad, reps))
 
     def eigenthings():
@@ -62,7 +68,7 @@ def bench_mlp(device, small, reps):
 
         Gh = he.GGNOperator(model, data, lambda m, b: m(b[0]),
                             he.supervised_loss_of_output(criterion))
-        _measure("mlp", "hessian_eigenthings", "ggn", Gh.matvec, None, Gh.size, device,
+        measure_products("mlp", "hessian_eigenthings", "ggn", Gh.matvec, None, Gh.size, device,
                  t_grad, reps)
 
     def curvlinops():
@@ -70,11 +76,11 @@ def bench_mlp(device, small, reps):
 
         Gc = curvlinops.GGNLinearOperator(model, criterion, params, data)
         n = sum(p.numel() for p in params)
-        _measure("mlp", "curvlinops", "ggn", lambda v: Gc @ v, lambda V: Gc @ V, n, device,
+        measure_products("mlp", "curvlinops", "ggn", lambda v: Gc @ v, lambda V: Gc @ V, n, device,
                  t_grad, reps)
 
-    _guarded("mlp", "hessian_eigenthings", eigenthings)
-    _guarded("mlp", "curvlinops", curvlinops)
+    guarded("mlp", "hessian_eigenthings", eigenthings)
+    guarded("mlp", "curvlinops", curvlinops)
 
 
 def bench_gpt2(device, small, reps, attn):
@@ -88,43 +94,24 @@ def bench_gpt2(device, small, reps, attn):
 
     t_grad = timed(grad, device, reps=reps)
     emit(problem="gpt2", attn=attn, what="gradient", ms=t_grad * 1e3,
-         nparams=sum(p.numel() for p in params), peak_gib=_peak(device, grad))
+         nparams=sum(p.numel() for p in params), peak_gib=peak_gib(device, grad))
     for jvp in JVPS:
         def ours(jvp=jvp):
             G = torchcurv.GGNOperator(model, lm_ggn_objective(vocab), batches, jvp=jvp)
-            _measure("gpt2", "torchcurv", f"ggn/{jvp}/{attn}", G.matvec, G.matmat, G.n,
+            measure_products("gpt2", "torchcurv", f"ggn/{jvp}/{attn}", G.matvec, G.matmat, G.n,
                      device, t_grad, reps)
 
-        _guarded("gpt2", "torchcurv", ours)
+        guarded("gpt2", "torchcurv", ours)
 
     def eigenthings():
         import hessian_eigenthings as he
 
         Gh = he.GGNOperator(model, batches, he.hf_lm_forward(), he.hf_lm_loss_of_output())
-        _measure("gpt2", "hessian_eigenthings", f"ggn/{attn}", Gh.matvec, None, Gh.size,
+        measure_products("gpt2", "hessian_eigenthings", f"ggn/{attn}", Gh.matvec, None, Gh.size,
                  device, t_grad, reps)
 
-    _guarded("gpt2", "hessian_eigenthings", eigenthings)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true", help="tiny sizes, for a CPU smoke run")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--only", choices=["mlp", "gpt2"], default=None)
-    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    args = ap.parse_args()
-    write_to(args.out)
-    device = torch.device(args.device)
-    emit(what="machine", **machine(device))
-    if args.only in (None, "mlp"):
-        bench_mlp(device, args.small, args.reps)
-    if args.only in (None, "gpt2"):
-        for attn in ("eager", "sdpa"):
-            _guarded("gpt2", "setup", lambda attn=attn: bench_gpt2(device, args.small,
-                                                                   args.reps, attn))
+    guarded("gpt2", "hessian_eigenthings", eigenthings)
 
 
 if __name__ == "__main__":
-    main()
+    products_main(__doc__, bench_mlp, bench_gpt2)

@@ -27,8 +27,7 @@ import argparse
 import time
 
 import torch
-from common import emit, gpt2_problem, machine, sync, timed, write_to
-from curvature_products import _guarded, _peak
+from common import emit, gpt2_problem, guarded, machine, peak_gib, sync, timed, write_to
 
 import torchcurv
 
@@ -47,7 +46,7 @@ def _train_step(model, batches):
         opt.zero_grad(set_to_none=True)
 
     try:
-        return _peak(next(model.parameters()).device, step)
+        return peak_gib(next(model.parameters()).device, step)
     finally:
         with torch.no_grad():
             for k, v in model.state_dict().items():
@@ -58,7 +57,7 @@ def _record(ctx, lib, method, matvec, matmat, n, device, base, reps):
     """Time and peak of one matvec and (when given) of matmat(16), as ratios to ``base``."""
     v = torch.randn(n, device=device)
     t = timed(lambda: matvec(v), device, reps=reps, warmup=1)
-    peak = _peak(device, lambda: matvec(v))
+    peak = peak_gib(device, lambda: matvec(v))
     emit(**ctx, lib=lib, method=method, what="matvec", ms=t * 1e3,
          ratio_to_grad=t / base["grad_s"], peak_gib=peak,
          peak_ratio_to_train_step=_ratio(peak, base["train_peak_gib"]))
@@ -66,7 +65,7 @@ def _record(ctx, lib, method, matvec, matmat, n, device, base, reps):
         return
     V = torch.randn(n, 16, device=device)
     t16 = timed(lambda: matmat(V), device, reps=max(1, reps // 2), warmup=1)
-    peak16 = _peak(device, lambda: matmat(V))
+    peak16 = peak_gib(device, lambda: matmat(V))
     emit(**ctx, lib=lib, method=method, what="matmat16", ms=t16 * 1e3,
          ms_per_vec=t16 * 1e3 / 16, ratio_per_vec_to_grad=t16 / 16 / base["grad_s"],
          peak_gib=peak16, peak_ratio_to_train_step=_ratio(peak16, base["train_peak_gib"]))
@@ -87,7 +86,7 @@ def bench(device, tiny, reps, attn, microbatch_size, eigsh_jvp, k):
         model.zero_grad(set_to_none=True)
 
     base = {"grad_s": timed(grad, device, reps=reps)}
-    base["grad_peak_gib"] = _peak(device, grad)
+    base["grad_peak_gib"] = peak_gib(device, grad)
     base["train_peak_gib"] = _train_step(model, batches)
     emit(**ctx, what="gradient", ms=base["grad_s"] * 1e3, peak_gib=base["grad_peak_gib"],
          train_step_peak_gib=base["train_peak_gib"], nparams=sum(p.numel() for p in params),
@@ -101,14 +100,14 @@ def bench(device, tiny, reps, attn, microbatch_size, eigsh_jvp, k):
         _record(ctx, "torchcurv", "hvp/autograd", H.matvec, H.matmat, H.n, device, base, reps)
 
     where = f"gpt2/{attn}"
-    _guarded(where, "torchcurv", hvp)
+    guarded(where, "torchcurv", hvp)
     for jvp in GGN_JVPS:
         def ggn(jvp=jvp):
             G = torchcurv.GGNOperator(model, objective, batches, jvp=jvp, **kw)
             _record(ctx, "torchcurv", f"ggn/{jvp}", G.matvec, G.matmat, G.n, device, base,
                     reps)
 
-        _guarded(where, "torchcurv", ggn)
+        guarded(where, "torchcurv", ggn)
 
     def eigenthings():
         import hessian_eigenthings as he
@@ -117,7 +116,7 @@ def bench(device, tiny, reps, attn, microbatch_size, eigsh_jvp, k):
         _record(ctx, "hessian_eigenthings", "hvp", Hh.matvec, None, Hh.size, device, base,
                 reps)
 
-    _guarded(where, "hessian_eigenthings", eigenthings)
+    guarded(where, "hessian_eigenthings", eigenthings)
 
     def top_eigenvalues():
         G = torchcurv.GGNOperator(model, objective, batches, jvp=eigsh_jvp, **kw)
@@ -133,7 +132,7 @@ def bench(device, tiny, reps, attn, microbatch_size, eigsh_jvp, k):
              eigenvalues=res.eigenvalues.flip(0).tolist(), info=res.info)
 
     if k > 0:
-        _guarded(where, "torchcurv", top_eigenvalues)
+        guarded(where, "torchcurv", top_eigenvalues)
 
 
 def main() -> None:
@@ -153,7 +152,7 @@ def main() -> None:
     device = torch.device(args.device)
     emit(what="machine", **machine(device))
     for attn in args.attn:
-        _guarded("gpt2", "setup", lambda attn=attn: bench(
+        guarded("gpt2", "setup", lambda attn=attn: bench(
             device, args.tiny, args.reps, attn, args.microbatch_size, args.eigsh_jvp, args.k))
 
 
