@@ -92,8 +92,8 @@ def _hvp_double_backward(model, objective, batch, scale, params, blocks):
             except RuntimeError:
                 pass  # some backward formulas have no batching rule
         # One second backward per vector through the shared first-order graph. On the CPU
-        # this is also the faster path: 122 vs 149 ms per vector for the vmapped backward
-        # (MLP 784-512-512-10, a batch of 1024, one thread, torch 2.13).
+        # this is also the faster path than the vmapped backward (116 vs 133 ms per vector,
+        # benchmarks/cpu_hessian_block.py, one thread, torch 2.13).
         cols = []
         for j in range(m):
             hv = torch.autograd.grad(
