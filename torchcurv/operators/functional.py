@@ -92,7 +92,7 @@ def _hvp_double_backward(model, objective, batch, scale, params, blocks):
             except RuntimeError:
                 pass  # some backward formulas have no batching rule
         # One second backward per vector through the shared first-order graph. On the CPU
-        # this is also the faster path than the vmapped backward (116 vs 133 ms per vector,
+        # this is also faster than the vmapped backward (116 vs 133 ms per vector,
         # benchmarks/cpu_hessian_block.py, one thread, torch 2.13).
         cols = []
         for j in range(m):
