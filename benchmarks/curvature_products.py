@@ -48,7 +48,7 @@ def bench_mlp(device, small, reps):
 
         Hh = he.HessianOperator(model, data, he.supervised_loss(criterion))
         measure_products("mlp", "hessian_eigenthings", "hvp", Hh.matvec, None, Hh.size, device,
-                 t_grad, reps)
+                         t_grad, reps)
 
     def curvlinops():
         import curvlinops
@@ -56,7 +56,7 @@ def bench_mlp(device, small, reps):
         Hc = curvlinops.HessianLinearOperator(model, criterion, params, data)
         n = sum(p.numel() for p in params)
         measure_products("mlp", "curvlinops", "hvp", lambda v: Hc @ v, lambda V: Hc @ V, n, device,
-                 t_grad, reps)
+                         t_grad, reps)
 
     guarded("mlp", "hessian_eigenthings", eigenthings)
     guarded("mlp", "curvlinops", curvlinops)
@@ -77,7 +77,7 @@ def bench_gpt2(device, small, reps, attn):
         def ours(method=method):
             H = torchcurv.HessianOperator(model, lm_objective(), batches, method=method)
             measure_products("gpt2", "torchcurv", f"{method}/{attn}", H.matvec, H.matmat, H.n,
-                     device, t_grad, reps)
+                             device, t_grad, reps)
 
         guarded("gpt2", "torchcurv", ours)
 
@@ -86,7 +86,7 @@ def bench_gpt2(device, small, reps, attn):
 
         Hh = he.HessianOperator(model, batches, he.hf_lm_loss())
         measure_products("gpt2", "hessian_eigenthings", f"hvp/{attn}", Hh.matvec, None, Hh.size,
-                 device, t_grad, reps)
+                         device, t_grad, reps)
 
     guarded("gpt2", "hessian_eigenthings", eigenthings)
 

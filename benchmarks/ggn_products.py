@@ -69,7 +69,7 @@ def bench_mlp(device, small, reps):
         Gh = he.GGNOperator(model, data, lambda m, b: m(b[0]),
                             he.supervised_loss_of_output(criterion))
         measure_products("mlp", "hessian_eigenthings", "ggn", Gh.matvec, None, Gh.size, device,
-                 t_grad, reps)
+                         t_grad, reps)
 
     def curvlinops():
         import curvlinops
@@ -77,7 +77,7 @@ def bench_mlp(device, small, reps):
         Gc = curvlinops.GGNLinearOperator(model, criterion, params, data)
         n = sum(p.numel() for p in params)
         measure_products("mlp", "curvlinops", "ggn", lambda v: Gc @ v, lambda V: Gc @ V, n, device,
-                 t_grad, reps)
+                         t_grad, reps)
 
     guarded("mlp", "hessian_eigenthings", eigenthings)
     guarded("mlp", "curvlinops", curvlinops)
@@ -99,7 +99,7 @@ def bench_gpt2(device, small, reps, attn):
         def ours(jvp=jvp):
             G = torchcurv.GGNOperator(model, lm_ggn_objective(vocab), batches, jvp=jvp)
             measure_products("gpt2", "torchcurv", f"ggn/{jvp}/{attn}", G.matvec, G.matmat, G.n,
-                     device, t_grad, reps)
+                             device, t_grad, reps)
 
         guarded("gpt2", "torchcurv", ours)
 
@@ -108,7 +108,7 @@ def bench_gpt2(device, small, reps, attn):
 
         Gh = he.GGNOperator(model, batches, he.hf_lm_forward(), he.hf_lm_loss_of_output())
         measure_products("gpt2", "hessian_eigenthings", f"ggn/{attn}", Gh.matvec, None, Gh.size,
-                 device, t_grad, reps)
+                         device, t_grad, reps)
 
     guarded("gpt2", "hessian_eigenthings", eigenthings)
 
