@@ -11,7 +11,10 @@ bandwidth over the bytes that must move (logits read + U read + output written, 
 each), its fraction of the copy bandwidth, and the extra peak memory of a call beyond its
 inputs (output included). One JSON object per line on stdout, a table last.
 
-    PYTHONPATH=. python3 benchmarks/ce_hvp.py [--out results.jsonl] [--no-block]
+    PYTHONPATH=. python3 benchmarks/ce_hvp.py [--out results.jsonl] [--no-block] [--sweep]
+
+``--sweep`` also times the Triton kernel over a grid of launch configurations (chunk,
+block_m, num_warps, maxnreg) per case, the evidence behind ``default_config``.
 
 Targets (issue 6): triton >= 75% of the copy bandwidth for float32 and bfloat16 at
 N=8192, V=50304; extra memory = the output plus O(N).
@@ -20,6 +23,8 @@ N=8192, V=50304; extra memory = the output plus O(N).
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import statistics
 import sys
@@ -29,6 +34,7 @@ import torch
 
 from torchcurv.kernels import ce_hessian_matmat
 from torchcurv.kernels.ce_hvp import _ce_hessian_matmat_eager
+from torchcurv.kernels.ce_hvp_triton import KernelConfig, ce_hessian_matmat_triton, default_config
 
 N, V = 8192, 50304
 BLOCK = (16, 1024)  # (M, N): 16 directions sharing the softmax of 1024 rows
@@ -84,12 +90,13 @@ def make_inputs(m: int | None, n: int, dtype: torch.dtype, seed: int):
     return logits, U, weights
 
 
-def check(backend: str, logits, U, weights) -> float:
-    """Relative error of the rows [0, CHECK_ROWS) against float64; every element written."""
+def check(fill: Callable[[torch.Tensor], object], logits, U, weights) -> float:
+    """Relative error of rows [0, CHECK_ROWS) against float64 after ``fill(out)`` wrote
+    ``out``; NaN if any element of ``out`` was left unwritten or is not finite."""
     out = torch.full_like(U, float("nan"))
-    ce_hessian_matmat(logits, U, weights, backend=backend, out=out)
+    fill(out)
     if not torch.isfinite(out).all():
-        raise AssertionError(f"{backend}: non-finite or unwritten output elements")
+        return float("nan")
     rows = slice(0, CHECK_ROWS)
     expected = _ce_hessian_matmat_eager(
         logits[rows].double(), U[..., rows, :].double(), weights[rows].double()
@@ -102,8 +109,47 @@ def measure(
     backend: str, dtype: torch.dtype, m: int | None, n: int, copy_bw: float, seed: int
 ) -> dict:
     logits, U, weights = make_inputs(m, n, dtype, seed)
-    err = check(backend, logits, U, weights)
+    err = check(
+        lambda out: ce_hessian_matmat(logits, U, weights, backend=backend, out=out),
+        logits, U, weights,
+    )  # fmt: skip
     call = lambda: ce_hessian_matmat(logits, U, weights, backend=backend)  # noqa: E731
+    row = _timed_row(backend, call, logits, U, err, copy_bw)
+    if backend == "triton":
+        row["triton_config"] = repr(default_config(V, m or 1, U.element_size()))
+    return row
+
+
+def sweep_grid(m: int | None) -> list[KernelConfig]:
+    """Launch configurations timed by ``--sweep`` (chunk, block_m, num_warps, maxnreg)."""
+    block_ms = (1,) if m is None else (2, 4, 8)
+    return [
+        KernelConfig(chunk, block_m, warps, maxnreg)
+        for block_m, chunk, warps, maxnreg in itertools.product(
+            block_ms, (1024, 2048, 4096, 8192), (4, 8), (None, 64, 72, 80)
+        )
+        if 2048 <= chunk * block_m <= 8192
+    ]
+
+
+def sweep(dtype: torch.dtype, m: int | None, n: int, copy_bw: float, seed: int) -> list[dict]:
+    """The Triton kernel under every configuration of ``sweep_grid``, fastest first."""
+    logits, U, weights = make_inputs(m, n, dtype, seed)
+    rows = []
+    for config in sweep_grid(m):
+        launch = functools.partial(ce_hessian_matmat_triton, logits, U, weights, config=config)
+        err = check(lambda out, f=launch: f(out=out), logits, U, weights)
+        row = _timed_row("triton", launch, logits, U, err, copy_bw)
+        row["triton_config"] = repr(config)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return sorted(rows, key=lambda r: r["ms"])
+
+
+def _timed_row(backend, call, logits, U, err: float, copy_bw: float) -> dict:
+    m = U.shape[0] if U.ndim == 3 else 1
+    n = logits.shape[0]
+    dtype = U.dtype
     ms = time_ms(call)
     extra = extra_peak_bytes(call)
     out_bytes = U.numel() * U.element_size()
@@ -122,10 +168,6 @@ def measure(
         "rel_err_vs_float64": float(f"{err:.3g}"),
         "ok": err < TOLERANCE[dtype],
     }
-    if backend == "triton":
-        from torchcurv.kernels.ce_hvp_triton import best_config
-
-        row["triton_config"] = repr(best_config())
     return row
 
 
@@ -133,6 +175,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="also write the JSON lines to this file")
     parser.add_argument("--no-block", action="store_true", help="skip the M=16 block")
+    parser.add_argument("--sweep", action="store_true", help="time the kernel's config grid")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -152,6 +195,14 @@ def main() -> int:
                 rows.append(measure(backend, dtype, m, n, copy_bw, seed=len(rows)))
                 torch.cuda.empty_cache()
                 print(json.dumps(rows[-1]), flush=True)
+    best = []
+    if args.sweep:
+        for m, n in cases:
+            for dtype in (torch.float32, torch.bfloat16):
+                swept = sweep(dtype, m, n, copy_bw, seed=len(rows))
+                best.append(swept[0])
+                rows.extend({**r, "sweep": True} for r in swept)
+                torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -159,11 +210,11 @@ def main() -> int:
     print(f"\ncopy bandwidth {rows[0]['copy_TBps']} TB/s on {props.name}")
     print(f"{'backend':8} {'dtype':9} {'M':>3} {'N':>5} {'ms':>8} {'TB/s':>6} {'copy%':>6} "
           f"{'extraGiB':>8} {'rel_err':>9}")  # fmt: skip
-    for r in rows[1:]:
+    for r in [r for r in rows[1:] if not r.get("sweep")] + best:
         print(f"{r['backend']:8} {r['dtype']:9} {r['M']:>3} {r['N']:>5} {r['ms']:>8.3f} "
               f"{r['effective_TBps']:>6.2f} {100 * r['fraction_of_copy']:>5.0f}% "
               f"{r['extra_peak_GiB']:>8.2f} {r['rel_err_vs_float64']:>9.2g}"
-              f"{'' if r['ok'] else '  WRONG'}")  # fmt: skip
+              f"{'' if r['ok'] else '  WRONG'} {r.get('triton_config', '')}")  # fmt: skip
     return 0 if all(r["ok"] for r in rows[1:]) else 1
 
 

@@ -2,7 +2,7 @@
 # One device-machine call per stage; every stage writes JSON lines / logs into $OUT.
 #
 #   bash benchmarks/device_run.sh tests      # every gpu-marked test (CUDA, Triton, CuPy)
-#   bash benchmarks/device_run.sh kernels    # CE-HVP microbenchmark with copy bandwidth
+#   bash benchmarks/device_run.sh kernels    # CE-HVP kernel tests, microbenchmark + config sweep
 #   bash benchmarks/device_run.sh products   # HVP / GGN products vs gradient, with peers
 #   bash benchmarks/device_run.sh solvers    # eigensolver backends, with peers
 #   bash benchmarks/device_run.sh lm         # GPT-2-style LM scale (eager and sdpa)
@@ -37,7 +37,11 @@ for stage in "$@"; do
             run triton_kernel_tests python3 -m pytest -q -p no:cacheprovider -o addopts= \
                 tests/test_ce_hvp_triton.py ;;
         kernels)
-            run ce_hvp python3 benchmarks/ce_hvp.py --out "$OUT/ce_hvp_h100.jsonl" ;;
+            run ce_kernel_tests python3 -m pytest -q -p no:cacheprovider -o addopts= \
+                tests/test_ce_hvp_triton.py
+            run ce_backend_tests python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu \
+                tests/test_ce_hvp.py
+            run ce_hvp python3 benchmarks/ce_hvp.py --sweep --out "$OUT/ce_hvp_h100.jsonl" ;;
         products)
             run curvature_products python3 benchmarks/curvature_products.py \
                 --out "$OUT/curvature_products_h100.jsonl"

@@ -1,8 +1,10 @@
-"""The fused Triton kernel against the float64 Hessian, at tile edges and extreme inputs.
+"""The fused Triton kernel against the float64 Hessian, at chunk edges and extreme inputs.
 
 Runs on CUDA, or on the CPU under triton's interpreter (``TRITON_INTERPRET=1`` set before
-triton is imported; test_ce_hvp.py does that in a subprocess). Skips otherwise. In the
-interpreter three programs share the work, so every case also walks the persistent loop.
+triton is imported; test_ce_hvp.py does that in a subprocess). Skips otherwise. On CUDA the
+small chunks below split every row over several programs that exchange partial softmax
+statistics; the interpreter runs programs one after another, so there each row is one chunk
+and the cases check the arithmetic without the exchange.
 """
 
 import pytest
@@ -21,20 +23,32 @@ elif torch.cuda.is_available():
 else:
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from torchcurv.kernels.ce_hvp_triton import KernelConfig, ce_hessian_matmat_triton
+from torchcurv.kernels.ce_hvp_triton import KernelConfig, ce_hessian_matmat_triton, row_split
 
-# Small tiles so that small V crosses several tiles and ends in a partial one. (The
-# interpreter costs ~10 ms per tile step, so cases are kept small.)
+# Chunks of 16..64 elements, so small V is split over up to 5 programs, the last chunk
+# partial. (The interpreter costs ~10 ms per program, so cases are kept small.)
 CONFIGS = [
-    KernelConfig(block_v=16, block_m=1),
-    KernelConfig(block_v=16, block_m=2),
-    KernelConfig(block_v=32, block_m=4, programs_per_sm=2),
-    KernelConfig(block_v=64, block_m=1, stages=3),
+    KernelConfig(chunk=16, block_m=1),
+    KernelConfig(chunk=16, block_m=2),
+    KernelConfig(chunk=32, block_m=4, num_warps=4),
+    KernelConfig(chunk=64, block_m=1, num_warps=2),
 ]
-# (N, V, M, weighted): V at, below, just over and well past one tile; N=1; M not a multiple
+# (N, V, M, weighted): V at, below, just over and well past one chunk; N=1; M not a multiple
 # of BLOCK_M; M=None for a 2-D U; with and without row weights.
 SHAPES = [(1, 1, None, True), (1, 37, None, False), (3, 16, 3, True), (2, 33, 3, False),
           (2, 65, None, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("v", "chunk", "max_split", "expected"),
+    [(37, 16, 8, (3, 16)), (50304, 4096, 132, (13, 3872)), (64, 64, 8, (1, 64)),
+     (1, 16, 8, (1, 16)), (50304, 1024, 8, (7, 7200)), (100, 16, 1, (1, 112))],
+)  # fmt: skip
+def test_rows_split_into_balanced_aligned_spans(v, chunk, max_split, expected):
+    split, span = row_split(v, chunk, max_split)
+    assert (split, span) == expected
+    assert span % 16 == 0 and split * span >= v > (split - 1) * span
+    assert split <= max_split
 
 
 def _run(logits, U, w, config):
@@ -84,9 +98,9 @@ def test_online_max_keeps_huge_and_tiny_logits_finite(dtype, scale, shift):
     assert rel_err(out, hessian_matrix_product(logits, U, w)) < TOLERANCE[dtype]
 
 
-def test_max_in_the_last_tile_rescales_the_earlier_sums():
+def test_max_in_the_last_chunk_rescales_the_earlier_sums():
     logits, U, w = random_case(2, 50, None, torch.float32, DEVICE, seed=400, logit_shift=1e3)
-    # The row max arrives in the last tile; sums over earlier tiles must be rescaled to it.
+    # The row max arrives in the last chunk; sums over earlier chunks must be rescaled to it.
     logits[:, -1] = logits.max() + 2.0
     out = _run(logits, U, w, CONFIGS[0])
     assert rel_err(out, hessian_matrix_product(logits, U, w)) < 1e-5
@@ -115,7 +129,7 @@ def test_public_api_dispatches_to_the_kernel():
 @pytest.mark.parametrize("v", [50304, 50257])
 @pytest.mark.parametrize("m", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_autotuned_kernel_at_vocabulary_scale(v, m, dtype):
+def test_default_kernel_at_vocabulary_scale(v, m, dtype):
     logits, U, w = random_case(64, v, m, dtype, "cuda", seed=800, masked_rows=(5,))
     out = ce_hessian_matmat(logits, U, w, backend="triton", out=torch.full_like(U, float("nan")))
     p = torch.softmax(logits.double(), dim=-1)
@@ -123,3 +137,23 @@ def test_autotuned_kernel_at_vocabulary_scale(v, m, dtype):
     expected = (pu - p * pu.sum(-1, keepdim=True)) * w.double().unsqueeze(-1)
     assert rel_err(out, expected) < TOLERANCE[dtype]
     assert torch.equal(out[..., 5, :], torch.zeros_like(out[..., 5, :]))
+
+
+@pytest.mark.gpu
+def test_many_rows_split_many_ways_all_finish_and_agree():
+    # 4096 rows x 50 chunks: far more programs than fit on the GPU, so chunks of a row wait
+    # for siblings that start later; the ticket order must keep that from deadlocking.
+    logits, U, w = random_case(4096, 50304, None, torch.float32, "cuda", seed=900)
+    out = _run(logits, U, w, KernelConfig(chunk=1024, num_warps=4))
+    expected = ce_hessian_matmat(logits, U, w, backend="eager")
+    assert rel_err(out, expected) < 1e-5
+
+
+@pytest.mark.gpu
+def test_a_chunk_of_only_minus_infinity_logits_gets_zero_probability():
+    logits, U, w = random_case(3, 50, 2, torch.float32, "cuda", seed=950)
+    logits[:, :16] = float("-inf")  # exactly the first chunk
+    out = _run(logits, U, w, CONFIGS[0])
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[..., :16], torch.zeros_like(out[..., :16]))
+    assert rel_err(out, hessian_matrix_product(logits, U, w)) < 1e-5

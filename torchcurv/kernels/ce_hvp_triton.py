@@ -1,22 +1,35 @@
 """Fused Triton kernel for the cross-entropy loss-Hessian product (spec: ``ce_hvp.py``).
 
-One work item is a row ``r`` and a group of ``BLOCK_M`` right-hand sides. Its program
+Every output element needs three row-global numbers (max, ``s = sum exp(z - max)`` and
+``<p, u_j>``), so a kernel either reads each row twice (stats, then output) or keeps the
+row on chip while the statistics are formed. Two reads cost 5/3 of the bytes that must
+move and cap a two-pass kernel near 60 % of the copy bandwidth (measured: 58 %); a row of
+fp32 logits and one direction at V=50304 is 400 KB, more than one SM holds. So a row is
+split over ``split`` programs, each holding one chunk of it in registers. A *segment* is
+one row and a group of ``BLOCK_M`` directions; the program for one chunk of a segment
 
-1. streams the row in ``BLOCK_V`` tiles, keeping an online softmax (running max ``m``,
-   ``s = sum exp(z - m)``) and ``t_j = sum exp(z - m) u_j`` for the whole group in one
-   pass, rescaling both by ``exp(m_old - m_new)`` when the max grows; then
-   ``<p, u_j> = t_j / s``;
-2. streams the row again, tiles in *reverse* order, writing
-   ``out_j = (w / s) exp(z - m) (u_j - <p, u_j>)``.
+1. loads its chunk of ``z`` and of the ``u_j`` once and forms the chunk's
+   ``(max, sum exp(z - max), sum exp(z - max) u_j)``;
+2. publishes those partials to a small workspace and waits on the segment's counter until
+   the other chunks have published theirs;
+3. combines the partials and writes ``out_j = (w / s) exp(z - max) (u_j - <p, u_j>)``
+   from the registers.
 
-The reverse second pass re-reads first what the first pass read last, meant to find
-those tiles still in L2; measured on an H100 it does not pay off (58 % of copy bandwidth,
-the two-pass ceiling without reuse: benchmarks/NOTES_ce_hvp.md). A row of fp32 logits and
-one direction at V=50304 is 400 KB, and 132 of them about fill an H100's 50 MB L2. Items
-of one row are numbered consecutively so concurrent groups share the row's logits through
-L2. The grid is persistent (``PROGRAMS_PER_SM`` programs per SM, striding over items) to
-keep that working set bounded. Nothing of size (N, V) is allocated besides the output;
-accumulation is in float32 (float64 for float64 inputs).
+Each byte of logits and directions is read once. What then sets the speed is how many
+bytes are in flight per SM, i.e. how many programs fit in the register file while each
+waits on its memory and its siblings; ``maxnreg`` trades instruction-level parallelism
+for more resident programs (it pays for bfloat16, benchmarks/NOTES_ce_hvp.md).
+
+The wait cannot deadlock: a program takes its work item from an atomic ticket counter, so
+items start in ticket order, every chunk a waiting program needs has a smaller or a
+not-yet-taken ticket, and only the last segment begun can be incomplete; it completes as
+long as ``split`` programs fit on the GPU at once (the host caps ``split`` at the number
+of SMs). The Triton CPU interpreter runs programs one after another, so there a row is one
+chunk (``split = 1``, no waiting).
+
+Extra memory: the output, plus counters and partials of ``N * groups * split * (2 +
+BLOCK_M)`` floats (1.3 MB at N=8192, V=50304, M=1). Accumulation is in float32 (float64
+for float64 inputs).
 """
 
 from __future__ import annotations
@@ -29,24 +42,25 @@ import triton.language as tl
 
 from torchcurv.kernels.ce_hvp import accumulation_dtype, triton_interpreter_active
 
-# Programs the interpreter runs "concurrently": small, so tests exercise the item loop.
-_INTERPRETER_PROGRAMS = 3
+# Chunk starts are multiples of this many elements, so rows whose stride is too keep
+# 16-byte vector loads in every chunk.
+_CHUNK_ALIGN = 16
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """One launch configuration (the autotuner picks among these on CUDA).
+    """One launch configuration.
 
-    ``block_v``: vocabulary tile (power of two). ``block_m``: right-hand sides per work item
-    (power of two). ``num_warps``: warps per program. ``programs_per_sm``: persistent-grid
-    occupancy target. ``stages``: prefetch depth of the first pass (1: none).
+    ``chunk``: vocabulary elements one program holds (power of two); a row is split over
+    ``ceil(V / chunk)`` programs. ``block_m``: right-hand sides per program (power of two).
+    ``num_warps``: warps per program. ``maxnreg``: register cap per thread passed to
+    ptxas (``None``: its choice).
     """
 
-    block_v: int
+    chunk: int
     block_m: int = 1
-    num_warps: int = 8
-    programs_per_sm: int = 1
-    stages: int = 1
+    num_warps: int = 4
+    maxnreg: int | None = None
 
 
 @triton.jit
@@ -55,9 +69,14 @@ def _ce_hvp_kernel(
     u_ptr,
     w_ptr,
     out_ptr,
-    N,
+    counter_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_dot_ptr,
     V,
     M,
+    span,
+    split,
     stride_ln,
     stride_um,
     stride_un,
@@ -65,103 +84,111 @@ def _ce_hvp_kernel(
     stride_on,
     HAS_WEIGHTS: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr,
-    STAGES: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
 ):
-    groups = tl.cdiv(M, BLOCK_M)
-    items = N * groups
-    n_tiles = tl.cdiv(V, BLOCK_V)
-    lanes_v = tl.arange(0, BLOCK_V)
-    lanes_m = tl.arange(0, BLOCK_M)
-    for item in range(tl.program_id(0), items, tl.num_programs(0)):
-        row = (item // groups).to(tl.int64)
-        rhs = (item % groups) * BLOCK_M + lanes_m
-        rhs_ok = rhs < M
-        z_row = logits_ptr + row * stride_ln
-        u_rows = u_ptr + rhs.to(tl.int64)[:, None] * stride_um + row * stride_un
-        o_rows = out_ptr + rhs.to(tl.int64)[:, None] * stride_om + row * stride_on
-
-        # Pass 1: online max, sum-exp and <exp(z - m), u_j>, all rescaled together.
-        # STAGES > 1 prefetches tiles through shared memory (cp.async) across the reductions'
-        # barriers; pass 2 has no barriers and streams without it.
-        run_max = tl.full((), float("-inf"), ACC)
-        run_sum = tl.zeros((), ACC)
-        run_dot = tl.zeros((BLOCK_M,), ACC)
-        for k in tl.range(0, n_tiles, num_stages=STAGES):
-            cols = k * BLOCK_V + lanes_v
-            col_ok = cols < V
-            z = tl.load(z_row + cols, mask=col_ok, other=float("-inf")).to(ACC)
-            u = tl.load(
-                u_rows + cols[None, :], mask=rhs_ok[:, None] & col_ok[None, :], other=0.0
-            ).to(ACC)
-            new_max = tl.maximum(run_max, tl.max(z, axis=0))
-            rescale = tl.exp(run_max - new_max)
-            e = tl.exp(z - new_max)
-            run_sum = run_sum * rescale + tl.sum(e, axis=0)
-            run_dot = run_dot * rescale + tl.sum(e[None, :] * u, axis=1)
-            run_max = new_max
-
-        p_dot_u = run_dot / run_sum
-        if HAS_WEIGHTS:
-            p_scale = tl.load(w_ptr + row).to(ACC) / run_sum
-        else:
-            p_scale = 1.0 / run_sum
-
-        # Pass 2, last tile first: those are the ones most likely still in L2.
-        for k in range(0, n_tiles):
-            cols = (n_tiles - 1 - k) * BLOCK_V + lanes_v
-            col_ok = cols < V
-            both_ok = rhs_ok[:, None] & col_ok[None, :]
-            z = tl.load(z_row + cols, mask=col_ok, other=float("-inf")).to(ACC)
-            u = tl.load(u_rows + cols[None, :], mask=both_ok, other=0.0).to(ACC)
-            p_w = tl.exp(z - run_max) * p_scale
-            result = p_w[None, :] * (u - p_dot_u[:, None])
-            tl.store(o_rows + cols[None, :], result.to(out_ptr.dtype.element_ty), mask=both_ok)
-
-
-def _autotune_configs() -> list[triton.Config]:
-    # (BLOCK_M, BLOCK_V, num_warps, STAGES): one tile of u stays <= 16K elements (registers;
-    # checked spill-free for sm_90 with ptxas), and each shape is tried with one and two
-    # programs per SM (L2 reuse of the row vs latency hiding).
-    shapes = [
-        (1, 1024, 4, 1), (1, 2048, 8, 1), (1, 4096, 16, 1), (1, 8192, 16, 1),
-        (1, 2048, 8, 3), (1, 4096, 8, 3),
-        (4, 1024, 8, 1), (4, 2048, 8, 1), (4, 4096, 16, 1),
-        (16, 512, 8, 1), (16, 1024, 16, 1),
-    ]  # fmt: skip
-    return [
-        triton.Config(
-            {"BLOCK_V": bv, "BLOCK_M": bm, "PROGRAMS_PER_SM": pps, "STAGES": st},
-            num_warps=nw,
-            num_stages=1,
-        )
-        for bm, bv, nw, st in shapes
-        for pps in (1, 2)
-    ]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    m = named_args["M"]
-    largest_useful = triton.next_power_of_2(m)
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= largest_useful]
-    return kept or configs[:1]
-
-
-_ce_hvp_autotuned = triton.autotune(
-    configs=_autotune_configs(),
-    key=["V", "M", "HAS_WEIGHTS"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_ce_hvp_kernel)
-
-
-def _programs(device: torch.device, programs_per_sm: int, items: int) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # SPLIT_P2 == 1: the program owns a whole row and never waits (the interpreter's mode).
+    if SPLIT_P2 > 1:
+        item = tl.atomic_add(counter_ptr, 1)  # the ticket (counter_ptr[0]): see the docstring
     else:
-        sms = _INTERPRETER_PROGRAMS
-    return max(1, min(items, sms * programs_per_sm))
+        item = tl.program_id(0)
+    segment = item // split  # one row and one group of BLOCK_M directions
+    chunk = item % split
+    groups = tl.cdiv(M, BLOCK_M)
+    row = (segment // groups).to(tl.int64)
+    lanes_m = tl.arange(0, BLOCK_M)
+    rhs = (segment % groups) * BLOCK_M + lanes_m
+    lanes = tl.arange(0, CHUNK)
+    cols = chunk * span + lanes
+    col_ok = (lanes < span) & (cols < V)
+    both_ok = (rhs < M)[:, None] & col_ok[None, :]
+    u_at = rhs.to(tl.int64)[:, None] * stride_um + row * stride_un + cols[None, :]
+    o_at = rhs.to(tl.int64)[:, None] * stride_om + row * stride_on + cols[None, :]
+
+    z = tl.load(logits_ptr + row * stride_ln + cols, mask=col_ok, other=float("-inf"))
+    u = tl.load(u_ptr + u_at, mask=both_ok, other=0.0)
+    local_max = tl.max(z.to(ACC), axis=0)
+    # A chunk of only -inf logits contributes nothing (instead of exp(-inf + inf) = NaN).
+    shift = tl.where(local_max == float("-inf"), 0.0, local_max)
+    e = tl.exp(z.to(ACC) - shift)
+    local_sum = tl.sum(e, axis=0)
+    local_dot = tl.sum(e[None, :] * u.to(ACC), axis=1)
+
+    if SPLIT_P2 > 1:
+        # Publish, then wait for the row's other chunks. Triton stores these scalars from
+        # one thread, the one that then releases the counter; they write through to L2.
+        at = segment * split + chunk
+        tl.store(part_max_ptr + at, local_max, cache_modifier=".wt")
+        tl.store(part_sum_ptr + at, local_sum, cache_modifier=".wt")
+        tl.store(part_dot_ptr + at * BLOCK_M + lanes_m, local_dot, cache_modifier=".wt")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + 1 + segment, 1, sem="acq_rel") + 1
+        while arrived < split:
+            arrived = tl.atomic_add(counter_ptr + 1 + segment, 0, sem="acquire")
+        parts = segment * split + tl.arange(0, SPLIT_P2)
+        part_ok = tl.arange(0, SPLIT_P2) < split
+        maxes = tl.load(
+            part_max_ptr + parts, mask=part_ok, other=float("-inf"), cache_modifier=".cv"
+        )
+        sums = tl.load(part_sum_ptr + parts, mask=part_ok, other=0.0, cache_modifier=".cv")
+        dots = tl.load(
+            part_dot_ptr + parts[:, None] * BLOCK_M + lanes_m[None, :],
+            mask=part_ok[:, None],
+            other=0.0,
+            cache_modifier=".cv",
+        )
+        row_max = tl.max(maxes, axis=0)
+        rescale = tl.where(maxes == float("-inf"), 0.0, tl.exp(maxes - row_max))
+        row_sum = tl.sum(sums * rescale, axis=0)
+        row_dot = tl.sum(dots * rescale[:, None], axis=0)
+    else:
+        row_max = local_max
+        row_sum = local_sum
+        row_dot = local_dot
+
+    p_dot_u = row_dot / row_sum
+    if HAS_WEIGHTS:
+        p_scale = tl.load(w_ptr + row).to(ACC) / row_sum
+    else:
+        p_scale = 1.0 / row_sum
+    own = tl.where(local_max == float("-inf"), 0.0, tl.exp(shift - row_max))
+    p = e * (own * p_scale)
+    result = p[None, :] * (u.to(ACC) - p_dot_u[:, None])
+    tl.store(out_ptr + o_at, result.to(out_ptr.dtype.element_ty), mask=both_ok)
+
+
+def default_config(v: int, m: int, itemsize: int) -> KernelConfig:
+    """The configuration used when none is given: the fastest of the grid that
+    ``benchmarks/ce_hvp.py --sweep`` times on an H100 (results in benchmarks/results/).
+
+    Args:
+        v: vocabulary size. m: number of right-hand sides. itemsize: bytes per element of
+        the larger of the logits' and the directions' dtypes.
+    """
+    if triton_interpreter_active():
+        return KernelConfig(chunk=_p2(v), block_m=min(4, _p2(m)))
+    if m == 1:
+        return KernelConfig(chunk=min(4096, _p2(v)), maxnreg=80 if itemsize <= 2 else None)
+    block_m = min(8, _p2(m))
+    return KernelConfig(chunk=min(8192 // block_m, _p2(v)), block_m=block_m)
+
+
+def _p2(x: int) -> int:
+    return triton.next_power_of_2(max(1, x))
+
+
+def row_split(v: int, chunk: int, max_split: int) -> tuple[int, int]:
+    """``(split, span)``: programs per row and the elements each covers (``span <= chunk``).
+
+    Spans are balanced and rounded up to a multiple of 16 elements; ``chunk`` grows (to a
+    larger power of two) when ``v / chunk`` would exceed ``max_split``.
+    """
+    while triton.cdiv(v, chunk) > max_split:
+        chunk *= 2
+    split = triton.cdiv(v, chunk)
+    span = min(chunk, triton.cdiv(triton.cdiv(v, split), _CHUNK_ALIGN) * _CHUNK_ALIGN)
+    return triton.cdiv(v, span), span
 
 
 def ce_hessian_matmat_triton(
@@ -174,8 +201,8 @@ def ce_hessian_matmat_triton(
 ) -> torch.Tensor:
     """Launch the fused kernel on validated inputs (see ``ce_hessian_matmat``).
 
-    ``config=None`` autotunes on CUDA (keyed on V, M and dtypes) and uses a small fixed
-    tile in the CPU interpreter; pass a :class:`KernelConfig` to pin one.
+    ``config=None`` uses :func:`default_config`. Under the CPU interpreter every row is
+    one chunk whatever ``config.chunk`` says.
     """
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -189,45 +216,39 @@ def ce_hessian_matmat_triton(
     if n == 0 or m == 0:
         return out
     acc = accumulation_dtype(logits.dtype, U.dtype)
+    if config is None:
+        config = default_config(v, m, max(logits.element_size(), U.element_size()))
+    # The interpreter runs programs one after another: a split row would wait forever.
+    max_split = 1 if triton_interpreter_active() else _multiprocessors(logits.device)
+    split, span = row_split(v, config.chunk, max_split)
+    segments = n * triton.cdiv(m, config.block_m)
+    if split > 1:
+        counters = torch.zeros(1 + segments, dtype=torch.int32, device=logits.device)
+        parts = torch.empty(
+            segments * split * (2 + config.block_m), dtype=acc, device=logits.device
+        )
+        part_max, part_sum, part_dot = parts.split(
+            [segments * split, segments * split, segments * split * config.block_m]
+        )
+    else:
+        counters = part_max = part_sum = part_dot = logits  # never read with SPLIT_P2 == 1
     has_weights = weights is not None
     w = weights.to(acc).contiguous() if has_weights else logits  # unread when absent
-    args = (
-        logits, U3, w, out3, n, v, m,
+    _ce_hvp_kernel[(segments * split,)](
+        logits, U3, w, out3, counters, part_max, part_sum, part_dot,
+        v, m, span, split,
         logits.stride(0), U3.stride(0), U3.stride(1), out3.stride(0), out3.stride(1),
-    )  # fmt: skip
-    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
-    if config is None and not triton_interpreter_active():
-
-        def grid(meta):
-            items = n * triton.cdiv(m, meta["BLOCK_M"])
-            return (_programs(logits.device, meta["PROGRAMS_PER_SM"], items),)
-
-        _ce_hvp_autotuned[grid](*args, HAS_WEIGHTS=has_weights, ACC=acc_tl)
-        return out
-    if config is None:
-        config = KernelConfig(block_v=64, block_m=min(4, triton.next_power_of_2(m)))
-    items = n * triton.cdiv(m, config.block_m)
-    grid = (_programs(logits.device, config.programs_per_sm, items),)
-    _ce_hvp_kernel[grid](
-        *args,
         HAS_WEIGHTS=has_weights,
-        ACC=acc_tl,
-        BLOCK_V=config.block_v,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        CHUNK=triton.next_power_of_2(span),
         BLOCK_M=config.block_m,
-        PROGRAMS_PER_SM=config.programs_per_sm,
-        STAGES=config.stages,
+        SPLIT_P2=triton.next_power_of_2(split),
+        maxnreg=config.maxnreg,
         num_warps=config.num_warps,
         num_stages=1,
-    )
+    )  # fmt: skip
     return out
 
 
-def best_config() -> KernelConfig | None:
-    """The configuration the autotuner chose on its last tuning run, if any."""
-    chosen = getattr(_ce_hvp_autotuned, "best_config", None)
-    if chosen is None:
-        return None
-    kw = chosen.kwargs
-    return KernelConfig(
-        kw["BLOCK_V"], kw["BLOCK_M"], chosen.num_warps, kw["PROGRAMS_PER_SM"], kw["STAGES"]
-    )
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
