@@ -18,7 +18,7 @@ one row and a group of ``BLOCK_M`` directions; the program for one chunk of a se
 Each byte of logits and directions is read once. What then sets the speed is how many
 bytes are in flight per SM, i.e. how many programs fit in the register file while each
 waits on its memory and its siblings; ``maxnreg`` trades instruction-level parallelism
-for more resident programs (it pays for bfloat16, benchmarks/NOTES_ce_hvp.md).
+for more resident programs (benchmarks/NOTES_ce_hvp.md).
 
 The wait cannot deadlock: a program takes its work item from an atomic ticket counter, so
 items start in ticket order, every chunk a waiting program needs has a smaller or a
@@ -159,8 +159,9 @@ def _ce_hvp_kernel(
 
 
 def default_config(v: int, m: int, itemsize: int) -> KernelConfig:
-    """The configuration used when none is given: the fastest of the grid that
-    ``benchmarks/ce_hvp.py --sweep`` times on an H100 (results in benchmarks/results/).
+    """The configuration used when none is given: among the fastest in each of the H100
+    runs of ``benchmarks/ce_hvp.py --sweep`` (which differ by up to 10 % run to run;
+    benchmarks/NOTES_ce_hvp.md).
 
     Args:
         v: vocabulary size. m: number of right-hand sides. itemsize: bytes per element of
@@ -169,9 +170,10 @@ def default_config(v: int, m: int, itemsize: int) -> KernelConfig:
     if triton_interpreter_active():
         return KernelConfig(chunk=_p2(v), block_m=min(4, _p2(m)))
     if m == 1:
-        return KernelConfig(chunk=min(4096, _p2(v)), maxnreg=80 if itemsize <= 2 else None)
+        return KernelConfig(chunk=min(4096 if itemsize >= 4 else 8192, _p2(v)))
     block_m = min(8, _p2(m))
-    return KernelConfig(chunk=min(8192 // block_m, _p2(v)), block_m=block_m)
+    maxnreg = 80 if itemsize <= 2 else None
+    return KernelConfig(chunk=min(8192 // block_m, _p2(v)), block_m=block_m, maxnreg=maxnreg)
 
 
 def _p2(x: int) -> int:
