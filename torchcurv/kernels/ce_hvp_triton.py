@@ -42,8 +42,8 @@ import triton.language as tl
 
 from torchcurv.kernels.ce_hvp import accumulation_dtype, triton_interpreter_active
 
-# Chunk starts are multiples of this many elements, so rows whose stride is too keep
-# 16-byte vector loads in every chunk.
+# Chunk starts are multiples of this many elements, so that when the row stride is one too,
+# every chunk keeps 16-byte vector loads.
 _CHUNK_ALIGN = 16
 
 
