@@ -15,10 +15,10 @@ one row and a group of ``BLOCK_M`` directions; the program for one chunk of a se
 3. combines the partials and writes ``out_j = (w / s) exp(z - max) (u_j - <p, u_j>)``
    from the registers.
 
-Each byte of logits and directions is read once. What then sets the speed is how many
-bytes are in flight per SM, i.e. how many programs fit in the register file while each
-waits on its memory and its siblings; ``maxnreg`` trades instruction-level parallelism
-for more resident programs (benchmarks/NOTES_ce_hvp.md).
+Each byte of logits and directions is read once. ``maxnreg`` trades instruction-level
+parallelism for more resident programs. Holding more bytes per SM does not by itself make
+bf16 faster: a variant that keeps bf16 packed (a third more resident) measured slower;
+benchmarks/NOTES_ce_hvp.md has that and the other designs measured.
 
 The wait cannot deadlock: a program takes its work item from an atomic ticket counter, so
 items start in ticket order, every chunk a waiting program needs has a smaller or a
