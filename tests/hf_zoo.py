@@ -110,20 +110,27 @@ def concatenated(batches: list):
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
-def hessian_of(model, names: list[str], loss_of_model) -> torch.Tensor:
-    """Plain-autograd Hessian of ``loss_of_model(call)`` in the named parameters, where
-    ``call(*args, **kwargs)`` runs the model with those parameters substituted."""
+def flat_parameters(model, names: list[str]):
+    """``(theta0, call_at)``: the named parameters flattened into one vector, and
+    ``call_at(theta)``, a ``call(*args, **kwargs)`` that runs the model with ``theta``'s
+    pieces substituted for them (so autograd differentiates in ``theta``)."""
     named = dict(model.named_parameters())
     shapes = [named[n].shape for n in names]
     sizes = [named[n].numel() for n in names]
 
-    def f(theta: torch.Tensor) -> torch.Tensor:
+    def call_at(theta: torch.Tensor):
         swapped = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        return loss_of_model(lambda *a, **kw: functional_call(model, swapped, a, kw))
+        return lambda *a, **kw: functional_call(model, swapped, a, kw)
 
-    theta0 = torch.cat([named[n].detach().reshape(-1) for n in names])
+    return torch.cat([named[n].detach().reshape(-1) for n in names]), call_at
+
+
+def hessian_of(model, names: list[str], loss_of_model) -> torch.Tensor:
+    """Plain-autograd Hessian of ``loss_of_model(call)`` in the named parameters, where
+    ``call(*args, **kwargs)`` runs the model with those parameters substituted."""
+    theta0, call_at = flat_parameters(model, names)
     with sdpa_kernel(SDPBackend.MATH):  # the oracle differentiates attention twice too
-        return torch.autograd.functional.hessian(f, theta0)
+        return torch.autograd.functional.hessian(lambda t: loss_of_model(call_at(t)), theta0)
 
 
 def hessian_by_rows(loss: torch.Tensor, params: list) -> torch.Tensor:
@@ -148,15 +155,11 @@ def ggn_of(model, names: list[str], rows_of_call, loss_of_rows) -> torch.Tensor:
     ``rows_of_call(call)`` in the named parameters, ``H`` the autograd Hessian of
     ``loss_of_rows`` at those rows. Both batch their backwards over output entries
     (``vectorize=True``: equal to the one-backward-per-entry loop to 1e-16, 15x faster)."""
-    named = dict(model.named_parameters())
-    shapes = [named[n].shape for n in names]
-    sizes = [named[n].numel() for n in names]
+    theta0, call_at = flat_parameters(model, names)
 
     def rows(theta: torch.Tensor) -> torch.Tensor:
-        swapped = {n: t.view(s) for n, t, s in zip(names, theta.split(sizes), shapes)}
-        return rows_of_call(lambda *a, **kw: functional_call(model, swapped, a, kw))
+        return rows_of_call(call_at(theta))
 
-    theta0 = torch.cat([named[n].detach().reshape(-1) for n in names])
     with sdpa_kernel(SDPBackend.MATH):
         out = rows(theta0).detach()
         J = torch.autograd.functional.jacobian(rows, theta0, vectorize=True)

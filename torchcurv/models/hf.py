@@ -24,7 +24,7 @@ from torchcurv.models.language import (
     at_least_float32,
     count_targets,
     next_token_targets,
-    token_cross_entropy,
+    token_objective,
     token_rows,
 )
 from torchcurv.objectives import Objective
@@ -48,7 +48,6 @@ def causal_lm_objective() -> Objective:
       ``attention_mask == 0``; 16-bit logits are upcast to float32 first.
     - ``weight(batch)``: the number of predicted tokens.
     """
-    criterion = token_cross_entropy()
 
     def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
         return token_rows(model(**_model_inputs(batch), use_cache=False).logits)
@@ -57,13 +56,7 @@ def causal_lm_objective() -> Objective:
         labels = batch["labels"] if "labels" in batch else _require(batch, "input_ids")
         return next_token_targets(labels, batch.get("attention_mask"))
 
-    return Objective(
-        forward=forward,
-        loss=lambda rows, batch: criterion(at_least_float32(rows), targets(batch)),
-        weight=lambda batch: count_targets(targets(batch)),
-        criterion=criterion,
-        targets=targets,
-    )
+    return token_objective(forward, targets)
 
 
 def seq2seq_lm_objective() -> Objective:
@@ -78,7 +71,6 @@ def seq2seq_lm_objective() -> Objective:
       (also ignored where ``decoder_attention_mask == 0``).
     - ``weight``: the number of labels other than ``-100``.
     """
-    criterion = token_cross_entropy()
 
     def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
         inputs = _model_inputs(batch)
@@ -95,13 +87,7 @@ def seq2seq_lm_objective() -> Objective:
     def targets(batch: Batch) -> torch.Tensor:
         return aligned_targets(_require(batch, "labels"), batch.get("decoder_attention_mask"))
 
-    return Objective(
-        forward=forward,
-        loss=lambda rows, batch: criterion(at_least_float32(rows), targets(batch)),
-        weight=lambda batch: count_targets(targets(batch)),
-        criterion=criterion,
-        targets=targets,
-    )
+    return token_objective(forward, targets)
 
 
 def sequence_classification_objective(

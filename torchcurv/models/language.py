@@ -10,8 +10,13 @@ whatever the batch sizes and padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
+
+from torchcurv.objectives import Objective
 
 IGNORE_INDEX = -100
 
@@ -74,6 +79,24 @@ def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
 def count_targets(targets: torch.Tensor) -> torch.Tensor:
     """Number of rows that predict a token (a 0-dim tensor, no host sync)."""
     return (targets != IGNORE_INDEX).sum()
+
+
+def token_objective(
+    forward: Callable[[nn.Module, Any], torch.Tensor],
+    targets: Callable[[Any], torch.Tensor],
+) -> Objective:
+    """The objective of a language model whose ``forward(model, batch)`` gives logits rows
+    ``(N, V)`` and ``targets(batch)`` their targets ``(N,)`` (``-100``: no prediction):
+    :func:`token_cross_entropy` over the rows (16-bit logits upcast first), each batch
+    weighed by :func:`count_targets`."""
+    criterion = token_cross_entropy()
+    return Objective(
+        forward=forward,
+        loss=lambda rows, batch: criterion(at_least_float32(rows), targets(batch)),
+        weight=lambda batch: count_targets(targets(batch)),
+        criterion=criterion,
+        targets=targets,
+    )
 
 
 def _check_tokens(name: str, tokens: torch.Tensor) -> None:

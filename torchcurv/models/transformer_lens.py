@@ -15,10 +15,8 @@ import torch
 from torch import nn
 
 from torchcurv.models.language import (
-    at_least_float32,
-    count_targets,
     next_token_targets,
-    token_cross_entropy,
+    token_objective,
     token_rows,
 )
 from torchcurv.objectives import Objective
@@ -37,7 +35,6 @@ def transformer_lens_objective() -> Objective:
       one, ``-100`` at the last position and at padded targets.
     - ``weight``: the number of predicted tokens, ``B*(T-1)`` without padding.
     """
-    criterion = token_cross_entropy()
 
     def forward(model: nn.Module, batch: Batch) -> torch.Tensor:
         tokens, mask = _tokens_and_mask(batch)
@@ -47,13 +44,7 @@ def transformer_lens_objective() -> Objective:
     def targets(batch: Batch) -> torch.Tensor:
         return next_token_targets(*_tokens_and_mask(batch))
 
-    return Objective(
-        forward=forward,
-        loss=lambda rows, batch: criterion(at_least_float32(rows), targets(batch)),
-        weight=lambda batch: count_targets(targets(batch)),
-        criterion=criterion,
-        targets=targets,
-    )
+    return token_objective(forward, targets)
 
 
 def _tokens_and_mask(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
