@@ -4,12 +4,14 @@ In one run: the device-to-device copy bandwidth, then each backend (eager, compi
 triton) for float32 and bfloat16 at N=8192, V=50304 with one direction, and with a block
 of M=16 directions sharing the softmax of N=1024 rows (16384 direction rows: twice the
 direction bytes of the first case, so the block fits eager's temporaries on an 80 GB
-card). For each: a correctness check
-against float64 on a slice of rows (with a NaN-poisoned output, so unwritten elements
-fail), then the median time of CUDA-event-timed calls after warm-up, the effective
-bandwidth over the bytes that must move (logits read + U read + output written, once
-each), its fraction of the copy bandwidth, and the extra peak memory of a call beyond its
-inputs (output included). One JSON object per line on stdout, a table last.
+card). For each: a correctness check against float64 on a slice of rows (with a
+NaN-poisoned output, so unwritten elements fail); the median device time per call
+(``time_ms``: host launch latency hidden), the synchronous latency of a call on an idle
+device (``call_ms``: with it) and the host's time to launch it (``host_ms``); the
+effective bandwidth over the bytes that must move (logits read + U read + output
+written, once each) in device time, its fraction of the copy bandwidth, and the extra
+peak memory of a call beyond its inputs (output included). One JSON object per line on
+stdout, a table last.
 
     PYTHONPATH=. python3 benchmarks/ce_hvp.py [--out results.jsonl] [--no-block] [--sweep]
 
@@ -28,6 +30,7 @@ import itertools
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -44,7 +47,34 @@ BACKENDS = ("eager", "compile", "triton")
 
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` CUDA-event-timed calls after warm-up."""
+    """Median device milliseconds per call of ``fn``: CUDA events around each call, the
+    call enqueued behind a GPU spin that lasts until the host has launched all of it (the
+    start event still pending once ``fn`` returns; the spin doubles until it is), so the
+    host's launch latency is not counted. :func:`call_ms` is the latency with it."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    spin_cycles, times = 1 << 20, []
+    while len(times) < reps:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(spin_cycles)
+        start.record()
+        fn()
+        end.record()
+        launched_ahead = not start.query()
+        end.synchronize()
+        if launched_ahead:
+            times.append(start.elapsed_time(end))
+        elif spin_cycles < 1 << 32:
+            spin_cycles *= 2
+        else:
+            raise RuntimeError("the call synchronizes with the device: no device time")
+    return statistics.median(times)
+
+
+def call_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds from issuing ``fn`` on an idle device to its last kernel's end
+    (CUDA events, synchronized after each call): device time plus host launch latency."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -56,6 +86,22 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def host_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
+    """Median host milliseconds for ``fn`` to return while the device is busy (behind a
+    GPU spin): what launching the call costs the CPU."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        torch.cuda._sleep(1 << 22)
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+        torch.cuda.synchronize()
     return statistics.median(times)
 
 
@@ -152,6 +198,8 @@ def _timed_row(backend, call, logits, U, err: float, copy_bw: float) -> dict:
     n = logits.shape[0]
     dtype = U.dtype
     ms = time_ms(call)
+    latency = call_ms(call)
+    host = host_ms(call)
     extra = extra_peak_bytes(call)
     out_bytes = U.numel() * U.element_size()
     moved = logits.numel() * logits.element_size() + 2 * out_bytes
@@ -162,6 +210,8 @@ def _timed_row(backend, call, logits, U, err: float, copy_bw: float) -> dict:
         "V": V,
         "M": m or 1,
         "ms": round(ms, 4),
+        "call_ms": round(latency, 4),
+        "host_ms": round(host, 4),
         "effective_TBps": round(moved / (ms * 1e-3) / 1e12, 3),
         "fraction_of_copy": round(moved / (ms * 1e-3) / copy_bw, 3),
         "extra_peak_GiB": round(extra / 2**30, 3),
@@ -209,10 +259,11 @@ def main() -> int:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
     print(f"\ncopy bandwidth {rows[0]['copy_TBps']} TB/s on {props.name}")
-    print(f"{'backend':8} {'dtype':9} {'M':>3} {'N':>5} {'ms':>8} {'TB/s':>6} {'copy%':>6} "
-          f"{'extraGiB':>8} {'rel_err':>9}")  # fmt: skip
+    print(f"{'backend':8} {'dtype':9} {'M':>3} {'N':>5} {'ms':>8} {'call_ms':>8} {'host_ms':>8} "
+          f"{'TB/s':>6} {'copy%':>6} {'extraGiB':>8} {'rel_err':>9}")  # fmt: skip
     for r in [r for r in rows[1:] if not r.get("sweep")] + best:
         print(f"{r['backend']:8} {r['dtype']:9} {r['M']:>3} {r['N']:>5} {r['ms']:>8.3f} "
+              f"{r['call_ms']:>8.3f} {r['host_ms']:>8.3f} "
               f"{r['effective_TBps']:>6.2f} {100 * r['fraction_of_copy']:>5.0f}% "
               f"{r['extra_peak_GiB']:>8.2f} {r['rel_err_vs_float64']:>9.2g}"
               f"{'' if r['ok'] else '  WRONG'} {r.get('triton_config', '')}")  # fmt: skip

@@ -189,6 +189,7 @@ def cross_entropy_row_weights(
 # -- dispatch and validation --------------------------------------------------------------
 
 
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

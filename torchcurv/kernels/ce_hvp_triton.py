@@ -34,6 +34,7 @@ for float64 inputs).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -221,7 +222,7 @@ def ce_hessian_matmat_triton(
     if config is None:
         config = default_config(v, m, max(logits.element_size(), U.element_size()))
     # The interpreter runs programs one after another: a split row would wait forever.
-    max_split = 1 if triton_interpreter_active() else _multiprocessors(logits.device)
+    max_split = 1 if triton_interpreter_active() else _multiprocessors(logits.device.index)
     split, span = row_split(v, config.chunk, max_split)
     segments = n * triton.cdiv(m, config.block_m)
     if split > 1:
@@ -252,5 +253,7 @@ def ce_hessian_matmat_triton(
     return out
 
 
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    # get_device_properties costs the host ~35 us a call; the count never changes.
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
