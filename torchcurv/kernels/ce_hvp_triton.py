@@ -255,5 +255,5 @@ def ce_hessian_matmat_triton(
 
 @functools.cache
 def _multiprocessors(device_index: int) -> int:
-    # get_device_properties costs the host ~35 us a call; the count never changes.
+    # Queried on every launch, and the answer never changes.
     return torch.cuda.get_device_properties(device_index).multi_processor_count
