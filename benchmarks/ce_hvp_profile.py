@@ -59,7 +59,8 @@ def main() -> int:
 def host_breakdown(logits, U, weights, out, config) -> None:
     """Host milliseconds per step of a one-direction call (see the module docstring)."""
     n, v = logits.shape
-    split, span = ce_hvp_triton.row_split(v, config.chunk, 132)
+    max_split = ce_hvp_triton._multiprocessors(logits.device.index)
+    split, span = ce_hvp_triton.row_split(v, config.chunk, max_split)
     counters = torch.zeros(1 + n, dtype=torch.int32, device="cuda")
     part_max, part_sum, part_dot = torch.empty(3 * n * split, device="cuda").split(n * split)
 
