@@ -28,8 +28,7 @@ from torchcurv.losses.fisher import (
     monte_carlo_fisher_factors,
 )
 from torchcurv.objectives import Objective
-from torchcurv.operators.curvature import BatchLosses
-from torchcurv.operators.output_space import OutputSpaceOperator
+from torchcurv.operators.output_space import OutputSpaceOperator, ProductState
 
 Batch = Any
 
@@ -48,7 +47,7 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
     """
 
-    def _output_curvature(self, output, batch, scale):
+    def _output_curvature(self, output, batch, scale, generator=None):
         # scale = w_b / W for "mean", so the batch's loss-term count is scale * W
         weight = scale * self.total_weight if self.objective.reduction == "mean" else 1.0
         return empirical_fisher_factors(self.objective, output, batch, scale * weight)
@@ -132,6 +131,9 @@ class MCFisherOperator(OutputSpaceOperator):
                     f"generator is on {generator.device}, the operator on {self.device}"
                 )
             self._state = generator.get_state()
+        # Only for torchcurv.validation.dense, which draws a product's labels outside a
+        # product by setting it and walking _batches; products never read or write it
+        # (theirs travels in their ProductState).
         self._rng: torch.Generator | None = None
         self.per_batch_seeds = self.distributed if per_batch_seeds is None else bool(
             per_batch_seeds)
@@ -153,28 +155,37 @@ class MCFisherOperator(OutputSpaceOperator):
         rng.manual_seed(_splitmix64(_splitmix64(self._base_seed) ^ index))
         return rng
 
+    def _new_product(self) -> ProductState:
+        # Every product restarts the stream, in its own state: concurrent products of one
+        # operator each draw the labels a lone product draws.
+        product = super()._new_product()
+        if not self.per_batch_seeds:
+            product.generator = self.fresh_generator()
+        return product
+
+    def _enter_batch(self, product: ProductState, index: int) -> None:
+        # microbatches of one batch continue its stream rather than restarting it
+        if self.per_batch_seeds and index != product.batch:
+            product.generator = self.batch_generator(self.batch_offset + index)
+        super()._enter_batch(product, index)
+
     def _batches(self):
+        # The per-batch streams of a product, for a walk outside one (see self._rng).
         current = None
         for i, batch, scale in super()._batches():
-            # microbatches of one batch continue its stream rather than restarting it
-            if self.per_batch_seeds and i != current:
+            if self._rng is not None and self.per_batch_seeds and i != current:
                 self._rng = self.batch_generator(self.batch_offset + i)
                 current = i
             yield i, batch, scale
 
-    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
-        self._rng = self.fresh_generator()
-        try:
-            return super()._local_matmat(V)
-        finally:
-            self._rng = None
-
-    def _output_curvature(self, output, batch, scale):
+    def _output_curvature(self, output, batch, scale, generator=None):
+        if generator is None:
+            generator = self._rng if self._rng is not None else self.fresh_generator()
         with torch.no_grad():
             loss = self.objective.loss(output, batch)
         factors = monte_carlo_fisher_factors(
             self.objective.criterion, output, self.objective.targets(batch), scale,
-            self.mc_samples, self._rng,
+            self.mc_samples, generator,
         )
         return loss, factors
 

@@ -5,16 +5,39 @@ Blocks of vectors travel as per-parameter tensors of shape ``(m, *param.shape)``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from torchcurv.losses.forward_mode import forward_mode_objective
 from torchcurv.objectives import Objective
 
 Batch = Any
+
+# torch.func's transforms are not safe to run from several threads at once: forward-mode
+# AD's dual levels are process-wide (one thread's exit deletes the level another thread
+# is using, giving errors or silently wrong tangents), and functional_call swaps the
+# module's parameters in place for the duration of the call. Reentrant because a
+# product may run inside another one (an objective or a model that multiplies).
+_TRANSFORMS = threading.RLock()
+
+
+@contextmanager
+def serialised_transforms() -> Iterator[None]:
+    """Hold the process-wide lock under which every ``torch.func`` transform runs.
+
+    Every use of ``torch.func`` (``jvp``, ``grad``, ``vmap``, ``functional_call``) in the
+    products runs inside this block, so products from several threads take turns there
+    instead of corrupting each other's forward-mode state. Reentrant: nesting is free.
+    """
+    with _TRANSFORMS:
+        yield
 
 
 def _zeros_if_none(tensors, like, leading: tuple[int, ...] = ()) -> list[torch.Tensor]:
@@ -120,23 +143,50 @@ class BoundCall(nn.Module):
 
 
 def _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blocks):
-    bound = BoundCall(model, objective, batch)
+    objective = forward_mode_objective(objective)
     keys = ["model." + n for n in names]
+    # Constant tensors of the batch (targets, inputs) enter the jvp as primals with
+    # materialised zero tangents: left without one, their tangent is an immutable
+    # ZeroTensor, which some loss backwards' forward-AD formulas write into (mse_loss's
+    # backward with reduction="mean" raises "ZeroTensors are immutable", torch 2.13).
+    # The tangent of a constant is zero either way, so the product is the same.
+    leaves, spec = tree_flatten(batch)
+    const = [i for i, t in enumerate(leaves)
+             if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    consts = tuple(leaves[i].detach() for i in const)
+    zeros = tuple(torch.zeros_like(c) for c in consts)
+    n = len(params)
 
-    def scaled_loss(*ps):
+    def rebuilt(cs):
+        filled = list(leaves)
+        for i, c in zip(const, cs):
+            filled[i] = c
+        return tree_unflatten(filled, spec)
+
+    def scaled_loss(*ps_and_cs):
+        ps, cs = ps_and_cs[:n], ps_and_cs[n:]
+        bound = BoundCall(model, objective, rebuilt(cs))
         loss = functional_call(bound, dict(zip(keys, ps)), ())
         return scaled(loss, scale), loss.detach()
 
-    argnums = tuple(range(len(params)))
-    grad_fn = grad(scaled_loss, argnums=argnums, has_aux=True)
-    primals = tuple(p.detach() for p in params)
+    grad_fn = grad(scaled_loss, argnums=tuple(range(n)), has_aux=True)
+    primals = tuple(p.detach() for p in params) + consts
 
     def hvp(*vs):
-        _, hv, loss = jvp(grad_fn, primals, vs, has_aux=True)
+        _, hv, loss = jvp(grad_fn, primals, vs + zeros, has_aux=True)
         return hv, loss
 
-    if blocks[0].shape[0] == 1:
-        hv, loss = hvp(*(b[0] for b in blocks))
-        return loss, [h.unsqueeze(0) for h in hv]
-    hv, loss = vmap(hvp, out_dims=(0, None))(*blocks)
+    try:
+        with serialised_transforms():
+            if blocks[0].shape[0] == 1:
+                hv, loss = hvp(*(b[0] for b in blocks))
+                return loss, [h.unsqueeze(0) for h in hv]
+            hv, loss = vmap(hvp, out_dims=(0, None))(*blocks)
+    except torch.OutOfMemoryError:
+        raise  # not a missing derivative: the caller may catch it and shrink the block
+    except (RuntimeError, NotImplementedError) as exc:
+        raise RuntimeError(
+            f"forward-over-reverse AD failed on this model or loss ({exc}); construct the "
+            "operator with method='autograd' (double backward)"
+        ) from exc
     return loss, list(hv)

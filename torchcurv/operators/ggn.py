@@ -35,7 +35,7 @@ class GGNOperator(OutputSpaceOperator):
     as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
     """
 
-    def _output_curvature(self, output, batch, scale):
+    def _output_curvature(self, output, batch, scale, generator=None):
         with torch.no_grad():
             loss = self.objective.loss(output, batch)
         return loss, objective_loss_hessian(self.objective, output, batch, scale)

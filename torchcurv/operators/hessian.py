@@ -16,7 +16,12 @@ from torchcurv.operators.curvature import (
     CurvatureOperator,
     accumulation_dtype,
 )
-from torchcurv.operators.functional import batched_hvp, loss_and_grads, scaled
+from torchcurv.operators.functional import (
+    batched_hvp,
+    loss_and_grads,
+    scaled,
+    serialised_transforms,
+)
 from torchcurv.operators.model_guard import preserved
 
 Batch = Any
@@ -44,7 +49,10 @@ class HessianOperator(CurvatureOperator):
               (``is_grads_batched``).
             - ``"forward_over_reverse"``: exact ``torch.func.jvp`` of ``torch.func.grad``,
               vmapped over the block. Needs forward-mode AD for the model's ops (missing for
-              SiLU's backward in torch 2.13, for example).
+              SiLU's backward in torch 2.13, for example); ``HuberLoss`` and
+              ``SoftMarginLoss``, whose fused backwards have none, are evaluated from
+              elementary ops with the same derivatives. Products run one at a time
+              process-wide (``torch.func`` is not thread-safe).
             - ``"finite_difference"``: central differences of gradients,
               ``(g(theta + h v) - g(theta - h v)) / 2h`` with
               ``h = eps^(1/3) (1 + ||theta||) / ||v||``; for setups where double backward is
@@ -97,6 +105,11 @@ class HessianOperator(CurvatureOperator):
         )
 
     def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
+        if self.method == "forward_over_reverse":
+            # The whole product, not only its transforms: functional_call swaps the model's
+            # parameters in place, which another product of this operator must not see.
+            with serialised_transforms():
+                return super()._local_matmat(V)
         if self.method != "finite_difference":
             return super()._local_matmat(V)
         if not self.fsdp:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from torchcurv.objectives import Objective
-from torchcurv.operators.functional import BoundCall
+from torchcurv.operators.functional import BoundCall, serialised_transforms
 
 Batch = Any
 
@@ -37,7 +37,8 @@ def jvp_forward_mode(
 ) -> torch.Tensor:
     """``J V`` by forward-mode AD (``torch.func.jvp``, vmapped over the block).
 
-    Costs about one extra forward pass with tangents per vector (batched).
+    Costs about one extra forward pass with tangents per vector (batched). Runs under
+    :func:`~torchcurv.operators.functional.serialised_transforms`: one thread at a time.
     """
     bound = BoundCall(model, objective.forward, batch)
     keys = ["model." + n for n in names]
@@ -48,9 +49,12 @@ def jvp_forward_mode(
         return out
 
     try:
-        if blocks[0].shape[0] == 1:
-            return tangent(*(b[0] for b in blocks)).unsqueeze(0)
-        return vmap(tangent)(*blocks)
+        with serialised_transforms():
+            if blocks[0].shape[0] == 1:
+                return tangent(*(b[0] for b in blocks)).unsqueeze(0)
+            return vmap(tangent)(*blocks)
+    except torch.OutOfMemoryError:
+        raise  # not a missing derivative: the caller may catch it and shrink the block
     except (RuntimeError, NotImplementedError) as exc:
         raise RuntimeError(
             f"forward-mode AD failed on this model ({exc}); construct the operator with "

@@ -10,6 +10,8 @@ backward for ``Jᵀ``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +19,8 @@ from torch import nn
 
 from torchcurv.losses.base import OutputCurvature
 from torchcurv.objectives import Objective, has_separate_output
-from torchcurv.operators.curvature import BatchLosses, CurvatureOperator
+from torchcurv.operators.curvature import BatchLosses, CurvatureOperator, accumulation_dtype
+from torchcurv.operators.functional import serialised_transforms
 from torchcurv.operators.jacobian import (
     JVP_METHODS,
     forward_with_graph,
@@ -26,8 +29,29 @@ from torchcurv.operators.jacobian import (
     jvp_forward_mode,
     vjp_batched,
 )
+from torchcurv.operators.model_guard import preserved
 
 Batch = Any
+
+
+@dataclass
+class ProductState:
+    """What one product carries besides the operator's fixed attributes.
+
+    Built afresh by every product and passed down to the batch kernels instead of being
+    kept on the operator, so that products running concurrently (threads sharing the
+    operator) or nested never see each other's.
+
+    Attributes:
+        origin: the selected parameters' values before the product (finite differences
+            restore them after every perturbation).
+        generator: the Monte-Carlo Fisher's random stream for the current batch.
+        batch: index of the batch the product is at.
+    """
+
+    origin: list[torch.Tensor] | None = None
+    generator: torch.Generator | None = None
+    batch: int | None = None
 
 
 class OutputSpaceOperator(CurvatureOperator):
@@ -68,7 +92,6 @@ class OutputSpaceOperator(CurvatureOperator):
         if jvp not in JVP_METHODS:
             raise ValueError(f"jvp must be one of {JVP_METHODS}, got {jvp!r}")
         self.jvp = jvp
-        self._origin: list[torch.Tensor] | None = None
         super().__init__(
             model, criterion, data, params=params, param_filter=param_filter,
             check_deterministic=check_deterministic, process_group=process_group,
@@ -84,30 +107,56 @@ class OutputSpaceOperator(CurvatureOperator):
 
     # -- what subclasses provide ---------------------------------------------------
     def _output_curvature(
-        self, output: torch.Tensor, batch: Batch, scale: torch.Tensor | float
+        self,
+        output: torch.Tensor,
+        batch: Batch,
+        scale: torch.Tensor | float,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, OutputCurvature]:
-        """The batch's unscaled loss and ``C_b`` (including ``scale``) at ``output``."""
+        """The batch's unscaled loss and ``C_b`` (including ``scale``) at ``output``;
+        ``generator`` is the product's random stream (only sampled ``C_b`` use it)."""
         raise NotImplementedError
+
+    def _new_product(self) -> ProductState:
+        """The state a product starts from."""
+        if self.jvp != "finite_difference":
+            return ProductState()
+        return ProductState(origin=[p.detach().clone() for p in self.params])
+
+    def _enter_batch(self, product: ProductState, index: int) -> None:
+        """Called before each batch (each microbatch) the product visits."""
+        product.batch = index
 
     # -- products ------------------------------------------------------------------
     def _perturbed_params(self) -> Sequence[torch.Tensor]:
         return self.params if self.jvp == "finite_difference" else ()
 
     def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
-        if self.jvp != "finite_difference":
-            return super()._local_matmat(V)
-        self._origin = [p.detach().clone() for p in self.params]
-        try:
-            return super()._local_matmat(V)
-        finally:
-            self._origin = None
+        # CurvatureOperator's walk over the batches, with the product's state passed down
+        # (the base walk has no place for it).
+        # With forward-mode JVPs the whole product holds the transform lock, not only the
+        # JVPs: functional_call swaps the model's parameters during a JVP, and another
+        # product of this operator (same model) recording its graph at that moment would
+        # differentiate the swapped tensors.
+        product = self._new_product()
+        blocks = self._split_block(V)
+        total = torch.zeros_like(V, dtype=accumulation_dtype(V.dtype))
+        losses = BatchLosses()
+        lock = serialised_transforms() if self.jvp == "forward" else nullcontext()
+        with lock, preserved(self.model, self._perturbed_params()):
+            for i, batch, scale in self._batches():
+                self._enter_batch(product, i)
+                loss, out = self._batch_matmat(batch, scale, blocks, product)
+                losses.add(i, loss)
+                total.add_(self._join_block(out))
+        return total, losses
 
-    def _jacobian_block(self, batch: Batch, blocks: list[torch.Tensor]):
+    def _jacobian_block(self, batch: Batch, blocks: list[torch.Tensor], product: ProductState):
         """The batch's output (with graph) and ``J V`` of shape ``(m, *output.shape)``."""
         if self.jvp == "finite_difference":
             # before the graph is recorded: in-place perturbations would invalidate it
             jv = jvp_finite_difference(
-                self.model, self.objective, batch, self.params, self._origin, blocks
+                self.model, self.objective, batch, self.params, product.origin, blocks
             )
             return forward_with_graph(self.model, self.objective, batch), jv
         output = forward_with_graph(self.model, self.objective, batch)
@@ -118,7 +167,11 @@ class OutputSpaceOperator(CurvatureOperator):
         )
         return output, jv
 
-    def _batch_matmat(self, batch, scale, blocks):
-        output, jv = self._jacobian_block(batch, blocks)
-        loss, curvature = self._output_curvature(output.detach(), batch, scale)
+    def _batch_matmat(self, batch, scale, blocks, product: ProductState | None = None):
+        if product is None:  # a lone batch product, outside a walk over the data
+            product = self._new_product()
+        output, jv = self._jacobian_block(batch, blocks, product)
+        loss, curvature = self._output_curvature(
+            output.detach(), batch, scale, product.generator
+        )
         return loss, vjp_batched(output, self.params, curvature.matmat(jv.to(output.dtype)))

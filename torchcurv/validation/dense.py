@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from torchcurv.losses.base import OutputCurvature
 from torchcurv.operators.curvature import CurvatureOperator
 from torchcurv.operators.fisher import MCFisherOperator
 from torchcurv.operators.ggn import GGNOperator
@@ -34,13 +33,21 @@ def dense_matrix(op: CurvatureOperator, max_n: int = 5_000) -> torch.Tensor:
     if not isinstance(op, (HessianOperator, OutputSpaceOperator)):
         raise TypeError(f"no dense reference is known for {type(op).__name__}")
     total = torch.zeros(op.n, op.n, dtype=op.dtype, device=op.device)
-    rng = op.fresh_generator() if isinstance(op, MCFisherOperator) else None
-    with preserved(op.model):
-        for _, batch, scale in op._batches():
-            if isinstance(op, HessianOperator):
-                total += _batch_hessian(op, batch, scale)
-            else:
-                total += _batch_output_space(op, batch, scale, rng)
+    sampled = isinstance(op, MCFisherOperator)
+    if sampled:
+        # draw from the same streams, in the same order, as a product does: the
+        # operator's _batches switches to per-batch generators where it uses them
+        op._rng = op.fresh_generator()
+    try:
+        with preserved(op.model):
+            for _, batch, scale in op._batches():
+                if isinstance(op, HessianOperator):
+                    total += _batch_hessian(op, batch, scale)
+                else:
+                    total += _batch_output_space(op, batch, scale)
+    finally:
+        if sampled:
+            op._rng = None
     return total
 
 
@@ -80,7 +87,7 @@ def _batch_hessian(op: HessianOperator, batch, scale) -> torch.Tensor:
     return torch.autograd.functional.hessian(lambda t: _scaled(f(t), scale), theta)
 
 
-def _batch_output_space(op: OutputSpaceOperator, batch, scale, rng) -> torch.Tensor:
+def _batch_output_space(op: OutputSpaceOperator, batch, scale) -> torch.Tensor:
     f, theta = _flat_function(op, lambda fwd: fwd(batch))
     output = f(theta).detach()
     J = torch.autograd.functional.jacobian(f, theta).reshape(output.numel(), -1)
@@ -91,15 +98,5 @@ def _batch_output_space(op: OutputSpaceOperator, batch, scale, rng) -> torch.Ten
         )
         C = H.reshape(d, d)
     else:
-        C = _output_factor(op, output, batch, scale, rng).to_dense()
+        C = op._output_curvature(output, batch, scale)[1].to_dense()
     return J.T @ C @ J
-
-
-def _output_factor(op, output, batch, scale, rng) -> OutputCurvature:
-    if not isinstance(op, MCFisherOperator):
-        return op._output_curvature(output, batch, scale)[1]
-    op._rng = rng  # draw from the same stream, in the same order, as a product does
-    try:
-        return op._output_curvature(output, batch, scale)[1]
-    finally:
-        op._rng = None
