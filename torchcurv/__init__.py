@@ -7,10 +7,12 @@ from torchcurv.algorithms.result import EigshResult
 from torchcurv.algorithms.spectral import SpectralDensity, spectral_density
 from torchcurv.algorithms.trace import TraceEstimate, trace
 from torchcurv.errors import (
+    DataChangedError,
     MissingExtraError,
     NondeterminismError,
     NonFiniteLossError,
     OperatorInputError,
+    RankFailedError,
 )
 from torchcurv.interop import as_cupy_linear_operator, as_linear_operator, from_linear_operator
 from torchcurv.kernels import ce_hessian_matmat, cross_entropy_row_weights
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CurvatureOperator",
+    "DataChangedError",
     "DiagonalEstimate",
     "EigshResult",
     "EmpiricalFisherOperator",
@@ -48,6 +51,7 @@ __all__ = [
     "Objective",
     "OperatorInputError",
     "ParameterOperator",
+    "RankFailedError",
     "SpectralDensity",
     "TraceEstimate",
     "ValidationReport",

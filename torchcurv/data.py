@@ -58,3 +58,14 @@ def fingerprint(batch: Batch) -> tuple:
     if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "items")):
         return tuple((k, fingerprint(v)) for k, v in sorted(batch.items()))
     return (repr(batch),)
+
+
+def shapes(batch: Batch) -> tuple:
+    """The shapes of a batch's tensors, nested like the batch: known without a kernel."""
+    if isinstance(batch, torch.Tensor):
+        return tuple(batch.shape)
+    if isinstance(batch, (tuple, list)):
+        return tuple(shapes(b) for b in batch)
+    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "items")):
+        return tuple((k, shapes(v)) for k, v in sorted(batch.items()))
+    return ()

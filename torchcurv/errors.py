@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class OperatorInputError(ValueError):
-    """A vector given to an operator has the wrong type, shape, dtype or device."""
+    """A vector given to an operator has the wrong type, shape, dtype or device, or NaN/inf
+    entries."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -25,3 +26,12 @@ class MissingExtraError(ImportError):
         )
         self.package = package
         self.extra = extra
+
+
+class DataChangedError(NondeterminismError):
+    """The data gave other batches or loss-term counts than at the operator's construction
+    (an exhausted or shortened loader, a changed data set)."""
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of a distributed operator raised; its own traceback says why."""

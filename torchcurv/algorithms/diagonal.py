@@ -24,7 +24,7 @@ from torchcurv.algorithms.probing import (
     work_dtype,
 )
 from torchcurv.algorithms.trace import Apply
-from torchcurv.distributed.reduce import common_seed
+from torchcurv.distributed.reduce import common_seed, reports_failures
 from torchcurv.operators.base import LinearOperator
 
 DIAGONAL_METHODS = ("hutchinson", "xdiag", "exact")
@@ -56,6 +56,7 @@ class DiagonalEstimate:
     distribution: str | None
 
 
+@reports_failures
 def diagonal(
     op: LinearOperator,
     *,

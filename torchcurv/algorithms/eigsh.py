@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchcurv.algorithms.result import EigshResult
+from torchcurv.distributed.reduce import reports_failures
 from torchcurv.interop.reverse import from_linear_operator
 from torchcurv.operators.base import LinearOperator
 
 WHICH = ("LA", "SA", "LM", "SM", "BE")
 """Largest/smallest algebraic, largest/smallest magnitude, both ends (scipy's names)."""
 
-_COMMON = ("k", "which", "tol", "maxiter", "seed", "return_eigenvectors")
+SHARED_ARGUMENTS = ("k", "which", "tol", "maxiter", "seed", "return_eigenvectors")
+"""Arguments of every backend, set by :func:`eigsh` itself, never as backend options."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ def backend_function(name: str) -> Callable[..., EigshResult]:
     return getattr(importlib.import_module(spec.module), spec.function)
 
 
+@reports_failures
 def eigsh(
     op: Any,
     k: int = 6,
@@ -127,9 +130,7 @@ def eigsh(
     fn = backend_function(backend)
     check_arguments(op, k, which, tol, maxiter, seed)
     _check_backend_serves(backend, which)
-    if "sigma" in backend_options:
-        raise ValueError(_NO_SHIFT_INVERT)
-    _check_options(fn, backend, backend_options)
+    check_backend_options(backend, backend_options)
     return fn(op, k=k, which=which, tol=tol, maxiter=maxiter, seed=seed,
               return_eigenvectors=return_eigenvectors, **backend_options)
 
@@ -179,11 +180,15 @@ _NO_SHIFT_INVERT = (
 )
 
 
-def _check_options(fn: Callable, backend: str, options: dict) -> None:
-    params = inspect.signature(fn).parameters
+def check_backend_options(backend: str, options: dict[str, Any]) -> None:
+    """Raise a clear error for options backend ``backend`` does not take, naming those it
+    does (``sigma=``: shift-invert is not offered)."""
+    if "sigma" in options:
+        raise ValueError(_NO_SHIFT_INVERT)
+    params = inspect.signature(backend_function(backend)).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [p for p in params if p not in _COMMON and p != "op"]
+    accepted = [p for p in params if p not in SHARED_ARGUMENTS and p != "op"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(

@@ -27,7 +27,7 @@ import torch
 from torchcurv.algorithms.arguments import synchronized_clock
 from torchcurv.algorithms.krylov import KrylovBasis
 from torchcurv.algorithms.probing import DISTRIBUTIONS, ProbeSource, check_choice, check_operator
-from torchcurv.distributed.reduce import common_seed
+from torchcurv.distributed.reduce import common_seed, reports_failures
 from torchcurv.errors import MissingExtraError
 
 GRID_POINTS = 2001
@@ -157,6 +157,7 @@ class SpectralDensity:
         )
 
 
+@reports_failures
 def spectral_density(
     op,
     *,

@@ -26,7 +26,7 @@ from torchcurv.algorithms.probing import (
     leave_one_out_directions,
     work_dtype,
 )
-from torchcurv.distributed.reduce import common_seed
+from torchcurv.distributed.reduce import common_seed, reports_failures
 from torchcurv.operators.base import LinearOperator
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
@@ -60,6 +60,7 @@ class TraceEstimate:
         return self.estimate
 
 
+@reports_failures
 def trace(
     op: LinearOperator,
     *,

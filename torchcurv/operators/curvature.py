@@ -16,15 +16,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchcurv.data import check_reiterable, fingerprint, iterate
+from torchcurv.data import check_reiterable, fingerprint, iterate, shapes
 from torchcurv.distributed.reduce import (
-    all_reduce_product,
     all_reduce_scalar,
+    all_reduce_sum,
     assert_same_on_all_ranks,
+    checkpoint,
+    failures_reported,
     is_distributed,
+    parameter_agreement,
     rank_counts,
 )
-from torchcurv.errors import NondeterminismError, NonFiniteLossError
+from torchcurv.errors import DataChangedError, NondeterminismError, NonFiniteLossError
 from torchcurv.objectives import Objective, as_objective
 from torchcurv.operators.attention import differentiable_attention
 from torchcurv.operators.base import ParameterOperator
@@ -133,29 +136,44 @@ class CurvatureOperator(ParameterOperator):
                 "distributed=True needs torch.distributed initialised with more than one rank"
             )
         self.debug_distributed = debug_distributed
-        self.model = model
-        self.objective = as_objective(criterion)
-        self.param_names, self.params = select_parameters(model, params, param_filter)
-        if self.fsdp and not self._supports_fsdp():
-            raise TypeError(
-                f"{type(self).__name__} does not support FSDP2-sharded models (double "
-                "backward and forward-mode AD do not pass through fully_shard); use "
-                "HessianOperator(..., method='finite_difference'), which needs only "
-                "gradients"
-            )
-        super().__init__(self.params)
-        check_reiterable(data)
-        self.data = data
-        check_microbatch_size(microbatch_size)
-        self.microbatch_size = microbatch_size
-        self._check_model_mode(strict=check_deterministic)
-        if microbatch_size is not None:
-            self._check_splittable()
+        # Distributed, each stage's local work runs under failures_reported and ends in
+        # a collective (with its checkpoint), so that a rank failing anywhere in
+        # construction makes the others raise at once instead of at the group's timeout.
+        with self._stage(None):
+            self.model = model
+            self.objective = as_objective(criterion)
+            self.param_names, self.params = select_parameters(model, params, param_filter)
+            if self.fsdp and not self._supports_fsdp():
+                raise TypeError(
+                    f"{type(self).__name__} does not support FSDP2-sharded models (double "
+                    "backward and forward-mode AD do not pass through fully_shard); use "
+                    "HessianOperator(..., method='finite_difference'), which needs only "
+                    "gradients"
+                )
+            super().__init__(self.params)
+            check_reiterable(data)
+            self.data = data
+            check_microbatch_size(microbatch_size)
+            self.microbatch_size = microbatch_size
+            self._check_model_mode(strict=check_deterministic)
+            if microbatch_size is not None:
+                self._check_splittable()
+        self._rank = dist.get_rank(process_group) if self.distributed else 0
+        if self.distributed:
+            parameter_agreement(type(self).__name__, self.param_names, self.params,
+                                compare_values=not self.fsdp, group=process_group)
         # per batch, the loss-term counts of its pieces (one piece without microbatching)
         self._batch_weights: list[list[float]] | None = None
         self.total_weight = self._total_weight(check_deterministic)
         if microbatch_size is not None and check_deterministic:
-            self._check_split_loss_matches()
+            with self._stage(self.device):
+                self._check_split_loss_matches()
+            if self.distributed:
+                checkpoint(self.device, process_group, what="the operator's construction")
+
+    def _stage(self, device: torch.device | None):
+        """Report a failure of this rank's local work to the other ranks (distributed)."""
+        return failures_reported(device, self.process_group, active=self.distributed)
 
     # -- construction-time checks --------------------------------------------------
     def _check_model_mode(self, strict: bool) -> None:
@@ -182,24 +200,35 @@ class CurvatureOperator(ParameterOperator):
             return [batch]
         return split_batch(batch, self.microbatch_size)
 
+    def _weights_of(self, batch: Batch) -> list[torch.Tensor | float]:
+        """The loss-term counts construction keeps for ``batch``: one per microbatch of a
+        'mean' loss; a 'sum' loss's pieces all weigh 1 and are never cached, so its
+        batches count whole."""
+        pieces = self._pieces(batch) if self.objective.reduction == "mean" else [batch]
+        return [self.objective.batch_weight(p) for p in pieces]
+
     def _total_weight(self, check: bool) -> float:
         weights, prints = [], []
-        for batch in iterate(self.data, self.device):
-            # pieces of a 'sum' loss all weigh 1 and are never cached: count batches
-            pieces = self._pieces(batch) if self.objective.reduction == "mean" else [batch]
-            weights.append([self.objective.batch_weight(p) for p in pieces])
-            if check:
-                prints.append(fingerprint(batch))
-        if not weights and not self.distributed:
-            raise ValueError("data is empty: it yielded no batch")
-        weights = [[float(w) for w in ws] for ws in weights]
+        with self._stage(self.device):
+            layout = []
+            for batch in iterate(self.data, self.device):
+                weights.append(self._weights_of(batch))
+                layout.append(shapes(batch))
+                if check:
+                    prints.append(fingerprint(batch))
+            self._batch_shapes = layout
+            if not weights and not self.distributed:
+                raise ValueError("data is empty: it yielded no batch")
+            weights = [[float(w) for w in ws] for ws in weights]
         total = float(sum(sum(ws) for ws in weights))
+        # this rank's loss-term count, which every later pass over the data must see again
+        self._local_weight = total
         self.batch_counts, self.batch_offset = [len(weights)], 0
         if self.distributed:  # the data set is the union of the ranks' shards
             total = all_reduce_scalar(total, self.device, self.process_group)
-            if total == 0 and not weights:
-                raise ValueError("data is empty on every rank: no batch anywhere")
             self.batch_counts = rank_counts(len(weights), self.device, self.process_group)
+            if sum(self.batch_counts) == 0:
+                raise ValueError("data is empty on every rank: no batch anywhere")
             self.batch_offset = sum(self.batch_counts[:dist.get_rank(self.process_group)])
             if self.fsdp and min(self.batch_counts) == 0:
                 raise ValueError(
@@ -213,22 +242,11 @@ class CurvatureOperator(ParameterOperator):
                 "differentiate"
             )
         if check:
-            if not self.distributed:
+            with self._stage(self.device):
                 self._check_repeatable(weights, prints)
-            else:
-                # A rank failing its checks tells the others, which would otherwise wait
-                # in their first product's all-reduce until the timeout.
-                try:
-                    self._check_repeatable(weights, prints)
-                except Exception:
-                    all_reduce_scalar(1.0, self.device, self.process_group)
-                    raise
-                failed = all_reduce_scalar(0.0, self.device, self.process_group)
-                if failed:
-                    raise RuntimeError(
-                        f"{round(failed)} other rank(s) failed the operator's construction "
-                        "checks; see their tracebacks"
-                    )
+            if self.distributed:
+                checkpoint(self.device, self.process_group,
+                           what="the operator's construction checks")
         return total
 
     def _check_repeatable(self, weights: list[list[float]], prints: list[tuple]) -> None:
@@ -247,7 +265,12 @@ class CurvatureOperator(ParameterOperator):
         self._batch_weights = weights
 
     def _check_loss_repeatable(self) -> None:
-        batch = next(iter(iterate(self.data, self.device)))
+        batch = next(iter(iterate(self.data, self.device)), None)
+        if batch is None:
+            raise DataChangedError(
+                "the data yielded no batch on a later pass (an exhausted iterator or a "
+                "loader over a consumed stream?); products walk the data once per product"
+            )
         with preserved(self.model), torch.no_grad():
             first = self.objective(self.model, batch).detach().clone()
             second = self.objective(self.model, batch).detach()
@@ -326,22 +349,38 @@ class CurvatureOperator(ParameterOperator):
         With ``microbatch_size``, one entry per microbatch (``index`` is its batch's, and
         ``w_b`` its own loss-term count); microbatches without loss terms are left out:
         their mean loss is 0/0, and their share of the data set's loss is zero.
+
+        Every pass checks that the data is the data construction counted, otherwise
+        :class:`~torchcurv.DataChangedError`: as many batches, each with the shapes it
+        had (on the host, no kernel); when the loss-term counts are computed anyway (not
+        cached), their sum too (read once at the end of the pass). A pass must therefore
+        be walked to its end.
         """
         cached = self._batch_weights
+        expected = self.batch_counts[self._rank]
+        seen: list[torch.Tensor | float] = []
+        count = 0
         for i, batch in enumerate(iterate(self.data, self.device)):
+            count = i + 1
+            if count > expected:
+                raise self._data_changed(f"more than the {expected} batches")
+            if shapes(batch) != self._batch_shapes[i]:
+                raise self._data_changed(
+                    f"batch {i} with shapes {shapes(batch)}, not {self._batch_shapes[i]}")
             pieces = self._pieces(batch)
             if self.objective.reduction == "sum":
+                seen.append(self.objective.batch_weight(batch))
                 for piece in pieces:
                     yield i, piece, 1.0
-            elif cached is not None and i < len(cached):
+            elif cached is not None:
                 for piece, w in zip(pieces, cached[i]):
                     if w != 0 or self.microbatch_size is None:
                         yield i, piece, w / self.total_weight
             elif self.microbatch_size is None:
                 # a tensor count stays on the device: no host sync per batch
-                yield i, batch, self._as_float64(self.objective.batch_weight(batch)) / (
-                    self.total_weight
-                )
+                w = self._as_float64(self.objective.batch_weight(batch))
+                seen.append(w)
+                yield i, batch, w / self.total_weight
             else:
                 # deciding which microbatches to skip needs their counts on the host:
                 # one sync per batch
@@ -350,9 +389,28 @@ class CurvatureOperator(ParameterOperator):
                                     device=self.device)
                     for p in pieces
                 ]).tolist()
+                seen.extend(ws)
                 for piece, w in zip(pieces, ws):
                     if w != 0:
                         yield i, piece, w / self.total_weight
+        if count != expected:
+            raise self._data_changed(f"{count} batches, not {expected}")
+        if cached is not None and self.objective.reduction == "mean":
+            return
+        terms = float(sum(w.double() if isinstance(w, torch.Tensor) else float(w)
+                          for w in seen))
+        if abs(terms - self._local_weight) > 1e-9 * max(1.0, abs(self._local_weight)):
+            raise self._data_changed(
+                f"{terms!r} loss terms, not the {self._local_weight!r} counted")
+
+    def _data_changed(self, what: str) -> DataChangedError:
+        rank = f" on rank {self._rank}" if self.distributed else ""
+        return DataChangedError(
+            f"the data gave {what}{rank} when the operator was built; products walk the "
+            "data once per product and need the same batches each time (an exhausted or "
+            "re-sharded loader, drop_last, a data set changed in place?). Build a new "
+            "operator for the new data"
+        )
 
     @staticmethod
     def _as_float64(w: torch.Tensor | float) -> torch.Tensor | float:
@@ -381,35 +439,27 @@ class CurvatureOperator(ParameterOperator):
             return self._distributed_matmat(V)
 
     def _distributed_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        group = self.process_group
         if self.debug_distributed:
-            assert_same_on_all_ranks(V, self.process_group)
-        reduce = dict(shape=tuple(V.shape), dtype=accumulation_dtype(self.dtype),
-                      device=self.device, group=self.process_group)
-        if self.fsdp:
-            # FSDP's reduce-scatter has already summed the ranks' gradients, so only the
-            # counters travel. A rank failing inside FSDP's own collectives cannot flag
-            # it: the others then raise when the process group's timeout expires.
-            reduce["shape"] = (0,)
-        try:
+            assert_same_on_all_ranks(V, group)
+        # Whatever this rank raises (BaseException), it joins the product's checkpoint
+        # with a failure flag, so the others raise too and the next product pairs up.
+        # FSDP's reduce-scatter has already summed the ranks' gradients, so only the
+        # checkpoint travels; a rank failing inside FSDP's own collectives cannot flag
+        # it: the others then raise when the process group's timeout expires.
+        with self._stage(self.device):
             out, losses = self._local_matmat(V)
             bad = losses.nonfinite_batches()
-        except Exception:
-            # Join the collective with a failure flag so the other ranks raise too.
-            all_reduce_product(None, nonfinite=0, failed=True, **reduce)
-            raise
-        reduced = all_reduce_product(None if self.fsdp else out, nonfinite=len(bad),
-                                     failed=False, **reduce)
-        if reduced.failed_ranks:
-            raise RuntimeError(
-                f"{reduced.failed_ranks} other rank(s) raised during this curvature product; "
-                "see their tracebacks"
-            )
-        losses.raise_if_not_finite()
-        if reduced.nonfinite:
+        reached = checkpoint(self.device, group, nonfinite=len(bad),
+                             what="this curvature product")
+        if reached.nonfinite:
+            losses.raise_if_not_finite()
             raise NonFiniteLossError(
-                f"the loss is not finite on {reduced.nonfinite} batch(es) of other ranks"
+                f"the loss is not finite on {reached.nonfinite} batch(es) of other ranks"
             )
-        return (out if self.fsdp else reduced.value).to(self.dtype)
+        if self.fsdp:
+            return out.to(self.dtype)
+        return all_reduce_sum(out, group, checkpointed=True).to(self.dtype)
 
 
 class BatchLosses:
