@@ -62,6 +62,11 @@ class Objective:
                 f"reduction must be 'mean' or 'sum', got {self.reduction!r}; a curvature "
                 "matrix needs a scalar loss"
             )
+        # Every operator calls the loss through this field, so checking here catches a
+        # non-scalar loss wherever it is first evaluated (at construction when
+        # check_deterministic is on) instead of deep inside autograd.
+        if not isinstance(self.loss, _ScalarLoss):
+            self.loss = _ScalarLoss(self.loss)
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return self.loss(self.forward(model, batch), batch)
@@ -90,9 +95,37 @@ def _identity(output: torch.Tensor, batch: Batch) -> torch.Tensor:
     return output
 
 
+class _ScalarLoss:
+    """An objective's ``loss``, refusing results that are not 0-dim tensors."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, Batch], torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        loss = self.fn(output, batch)
+        if isinstance(loss, torch.Tensor) and loss.ndim != 0:
+            raise ValueError(
+                f"the loss returned a tensor of shape {tuple(loss.shape)}, not a scalar; a "
+                "curvature matrix needs the batch's loss reduced to one number: use a "
+                "criterion with reduction='mean' or 'sum', or end the loss function with "
+                ".mean() / .sum()"
+            )
+        return loss
+
+    # the wrapper is invisible: Objectives compare and print as the function they hold
+    def __eq__(self, other: object) -> bool:
+        return self.fn == getattr(other, "fn", other)
+
+    def __hash__(self) -> int:
+        return hash(self.fn)
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
 def has_separate_output(objective: Objective) -> bool:
     """Whether ``objective.forward`` gives a model output rather than the loss itself."""
-    return objective.loss is not _identity
+    return getattr(objective.loss, "fn", objective.loss) is not _identity
 
 
 def supervised(criterion: nn.Module) -> Objective:

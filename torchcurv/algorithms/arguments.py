@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 
-from torchcurv.errors import MissingExtraError
+from torchcurv.algorithms.assemble import as_tensor
+from torchcurv.errors import MissingExtraError, OperatorInputError
 
 WHICH = ("LA", "SA", "LM", "BE")
 
@@ -43,28 +47,58 @@ def check_maxiter(maxiter: int | None, default: int) -> int:
     return maxiter
 
 
-def check_start(v0: torch.Tensor, n: int, columns: int) -> torch.Tensor:
-    """A caller's start vector/block as ``(n, columns)`` float64 on the CPU."""
-    if not isinstance(v0, torch.Tensor):
-        raise TypeError(f"v0 must be a torch tensor, got {type(v0).__name__}")
-    block = v0.reshape(n, 1) if v0.ndim == 1 and v0.shape[0] == n else v0
-    if block.shape != (n, columns):
+def check_start(v0: Any, n: int, columns: int, name: str = "v0") -> torch.Tensor:
+    """A caller's start vector/block (torch, NumPy or CuPy) as ``(n, columns)`` float64.
+
+    The one check of start vectors, so every backend refuses the same ones: a wrong
+    shape, complex or non-finite entries, and an all-zero column (the Krylov space it
+    spans is ``{0}``; ARPACK refuses it). Returned on its own device.
+    """
+    if not isinstance(v0, (torch.Tensor, np.ndarray)) and not hasattr(v0, "__dlpack__"):
+        raise TypeError(
+            f"{name} must be a torch tensor or a NumPy/CuPy array, got {type(v0).__name__}"
+        )
+    t = as_tensor(v0)
+    block = t.reshape(n, 1) if t.ndim == 1 and t.shape[0] == n else t
+    if tuple(block.shape) != (n, columns):
         expected = f"({n},) or ({n}, 1)" if columns == 1 else f"({n}, {columns})"
-        raise ValueError(f"v0 must have shape {expected}, got {tuple(v0.shape)}")
-    if not torch.isfinite(block).all():
-        raise ValueError("v0 contains NaN or inf")
-    return block.detach().to("cpu", torch.float64)
+        raise OperatorInputError(
+            f"{name} has shape {tuple(t.shape)}; {name} must have shape {expected}"
+        )
+    if block.is_complex() or block.dtype == torch.bool:
+        raise OperatorInputError(f"{name} must be real numbers, got dtype {block.dtype}")
+    block = block.detach().to(torch.float64)
+    if not bool(torch.isfinite(block).all()):
+        raise OperatorInputError(f"{name} contains NaN or inf")
+    zero = (block == 0).all(dim=0).nonzero().flatten().tolist()
+    if zero:
+        which = "is the zero vector" if columns == 1 else f"has all-zero column(s) {zero}"
+        raise OperatorInputError(
+            f"{name} {which}: an iteration started from it never leaves 0; pass a nonzero "
+            f"start vector, or {name}=None for a random one drawn from seed"
+        )
+    return block
 
 
-def progress_bar(enabled: bool, total: int, desc: str):
-    """A tqdm bar when ``enabled`` (tqdm is optional), else ``None``."""
-    if not enabled:
-        return None
+def tqdm_bar(total: int, desc: str, **options: Any) -> Any:
+    """A tqdm bar (tqdm is optional: :class:`MissingExtraError` names the extra)."""
     try:
         from tqdm.auto import tqdm
     except ImportError as err:
         raise MissingExtraError("tqdm", "progress", "progress=True") from err
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, **options)
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Any]:
+    """A tqdm bar when ``enabled``, else ``None``; closed however the block ends (also by
+    a callback's exception or KeyboardInterrupt), so no bar is left on the terminal."""
+    bar = tqdm_bar(total, desc, leave=False) if enabled else None
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def check_callback(callback: Callable | None) -> None:

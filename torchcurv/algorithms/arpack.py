@@ -15,7 +15,8 @@ import numpy as np
 import scipy.sparse.linalg as sla
 import torch
 
-from torchcurv.algorithms.assemble import Stopwatch, assemble_result, check_vector
+from torchcurv.algorithms.arguments import check_start
+from torchcurv.algorithms.assemble import Stopwatch, assemble_result
 from torchcurv.algorithms.result import EigshResult, start_block
 from torchcurv.interop.scipy import as_linear_operator
 from torchcurv.operators.base import LinearOperator
@@ -54,7 +55,7 @@ def arpack_eigsh(
     A = as_linear_operator(op, dtype)
     if v0 is None:
         v0 = start_block(op.n, 1, torch.float64, torch.device("cpu"), seed)[:, 0]
-    v0 = check_vector(v0, op.n, "v0").detach().cpu().numpy().astype(A.dtype)
+    v0 = check_start(v0, op.n, 1)[:, 0].cpu().numpy().astype(A.dtype)
     clock = Stopwatch(op.device)
     info = {"ncv": ncv, "dtype": str(A.dtype)}
     try:

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from torchcurv.algorithms.result import EigshResult, converged_mask, residual_norms
-from torchcurv.errors import OperatorInputError
 from torchcurv.operators.base import LinearOperator
 
 
@@ -44,18 +43,6 @@ def as_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x))
     return torch.from_dlpack(x)
-
-
-def check_vector(v: Any, n: int, name: str) -> torch.Tensor:
-    """``v`` as a 1-D tensor of length ``n``; ``(n,)`` and ``(n, 1)`` are accepted."""
-    t = as_tensor(v)
-    if t.ndim == 2 and t.shape[1] == 1:
-        t = t[:, 0]
-    if t.shape != (n,):
-        raise OperatorInputError(f"{name} has shape {tuple(t.shape)}; the operator needs ({n},)")
-    if not (t.is_floating_point() and torch.isfinite(t).all() and t.abs().max() > 0):
-        raise OperatorInputError(f"{name} must be a finite, nonzero, real vector")
-    return t
 
 
 def assemble_result(

@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from torchcurv.algorithms.eigsh import backend_function, check_arguments, eigsh
+from torchcurv.algorithms.eigsh import (
+    SHARED_ARGUMENTS,
+    backend_function,
+    check_arguments,
+    check_backend_options,
+    eigsh,
+)
 from torchcurv.algorithms.result import EigshResult
 from torchcurv.errors import MissingExtraError
 from torchcurv.interop.reverse import from_linear_operator
@@ -112,6 +118,23 @@ def _max_relative_residual(r: EigshResult) -> float:
     return float((r.residuals / r.eigenvalues.abs().clamp_min(tiny)).max())
 
 
+def _check_comparison_options(
+    op: LinearOperator, backend: str, options: dict[str, Any], k: int, which: str, tol: float,
+    seed: int | None,
+) -> None:
+    """Refuse, before anything runs, a backend option that is unknown or would make the
+    comparison unfair (a shared argument other than ``maxiter``)."""
+    fixed = sorted((set(options) & set(SHARED_ARGUMENTS)) - {"maxiter"})
+    if fixed:
+        raise ValueError(
+            f"options for {backend!r} set {fixed}, which compare_backends gives every "
+            f"backend alike; pass them as compare_backends({fixed[0]}=...)"
+        )
+    check_backend_options(backend, {o: v for o, v in options.items() if o != "maxiter"})
+    if "maxiter" in options:
+        check_arguments(op, k, which, tol, options["maxiter"], seed)
+
+
 def compare_backends(
     op: Any,
     k: int = 6,
@@ -130,7 +153,11 @@ def compare_backends(
     Args:
         backends: backend names, run in this order; the first that runs is the
             reference for eigenvalue agreement.
-        options: per-backend extra options, e.g. ``{"arpack": {"ncv": 40}}``.
+        options: per-backend extra options, e.g. ``{"arpack": {"ncv": 40}}``. A
+            backend's ``maxiter`` here overrides the shared one (each backend counts its
+            own iterations); ``k``, ``which``, ``tol`` and ``seed`` are the same for all,
+            and an option a backend does not take is an error naming the ones it does,
+            both before anything runs.
 
     A backend that cannot run here (CuPy not installed, an operator not on a GPU, a
     ``which`` it does not serve) gets a row with its ``error`` instead of stopping the
@@ -149,11 +176,16 @@ def compare_backends(
     unknown = set(options) - set(backends)
     if unknown:
         raise ValueError(f"options given for backends not compared: {sorted(unknown)}")
+    for name, opts in options.items():
+        _check_comparison_options(op, name, opts, k, which, tol, seed)
     results: dict[str, EigshResult | str] = {}
     for name in backends:
+        # maxiter counts different things per backend (ARPACK restarts, LOBPCG
+        # iterations, ...), so a backend's own maxiter overrides the shared one
+        run = {"maxiter": maxiter, **options.get(name, {})}
         try:
-            results[name] = eigsh(op, k=k, which=which, backend=name, tol=tol,
-                                  maxiter=maxiter, seed=seed, **options.get(name, {}))
+            results[name] = eigsh(op, k=k, which=which, backend=name, tol=tol, seed=seed,
+                                  **run)
         except (MissingExtraError, ValueError) as e:
             results[name] = f"{type(e).__name__}: {e}"
     reference = next((n for n in backends if isinstance(results[n], EigshResult)), None)

@@ -21,7 +21,8 @@ import inspect
 import numpy as np
 import torch
 
-from torchcurv.algorithms.assemble import Stopwatch, assemble_result, check_vector
+from torchcurv.algorithms.arguments import check_start
+from torchcurv.algorithms.assemble import Stopwatch, assemble_result
 from torchcurv.algorithms.result import EigshResult, converged_mask, residual_norms, start_block
 from torchcurv.interop.cupy import as_cupy_linear_operator, import_cupy
 from torchcurv.operators.base import LinearOperator
@@ -66,7 +67,7 @@ def cupy_eigsh(
         v0 = start_block(op.n, 1, torch.float64, op.device, seed)[:, 0]
     elif not takes_v0:
         raise ValueError("this CuPy version's eigsh takes no start vector v0")
-    v0 = check_vector(v0, op.n, "v0").to(op.device, torch.float64)
+    v0 = check_start(v0, op.n, 1)[:, 0].to(op.device)
     v0 = cupy.from_dlpack((v0 / v0.norm()).to(_torch_dtype(A.dtype)).contiguous())
     budget = 10 * op.n if maxiter is None else maxiter
 

@@ -167,49 +167,47 @@ def thick_restart_lanczos(
     Q0, _ = kb.next_block(start.T[None].to(op.device, kb.compute_dtype), 0)
     kb.set_rows(0, Q0)
 
-    bar = progress_bar(progress, k, f"torchcurv {backend}")
-    restarts, kept, failed_checks, check_matvecs = 0, 0, 0, 0
-    stop_reason, checked = "maxiter", None
-    while True:
-        last, F = kb.extend(kept, m, p)
-        size = last + p
-        theta, S = torch.linalg.eigh(kb.T[0, :size, :size])
-        R = kb.block_qr(F)[1][0]
-        estimates = (R @ S[last:size]).norm(dim=0)
-        order = _priority(theta, which)
-        wanted = order[:k]
-        meets = converged_mask(theta[wanted], estimates[wanted], tol)
-        if callback is not None:
-            callback({
-                "restart": restarts, "num_matvecs": op.num_matvecs - matvecs_before,
-                "ritz_values": theta[wanted].clone(), "residual_estimates":
-                estimates[wanted].clone(), "num_converged": int(meets.sum()),
-            })
-        if bar is not None:
-            bar.n = int(meets.sum())
-            bar.set_postfix(restarts=restarts, matvecs=op.num_matvecs - matvecs_before)
-        if bool(meets.all()):
-            ascending = wanted[torch.argsort(theta[wanted])]
-            values = theta[ascending]
-            vectors = _ritz_vectors(kb, S[:, ascending], size, op)
-            residuals = residual_norms(op, values, vectors)
-            check_matvecs += k
-            checked = (values, vectors, residuals)
-            if bool(converged_mask(values, residuals, tol).all()):
-                stop_reason = "converged"
+    with progress_bar(progress, k, f"torchcurv {backend}") as bar:
+        restarts, kept, failed_checks, check_matvecs = 0, 0, 0, 0
+        stop_reason, checked = "maxiter", None
+        while True:
+            last, F = kb.extend(kept, m, p)
+            size = last + p
+            theta, S = torch.linalg.eigh(kb.T[0, :size, :size])
+            R = kb.block_qr(F)[1][0]
+            estimates = (R @ S[last:size]).norm(dim=0)
+            order = _priority(theta, which)
+            wanted = order[:k]
+            meets = converged_mask(theta[wanted], estimates[wanted], tol)
+            if callback is not None:
+                callback({
+                    "restart": restarts, "num_matvecs": op.num_matvecs - matvecs_before,
+                    "ritz_values": theta[wanted].clone(), "residual_estimates":
+                    estimates[wanted].clone(), "num_converged": int(meets.sum()),
+                })
+            if bar is not None:
+                bar.n = int(meets.sum())
+                bar.set_postfix(restarts=restarts, matvecs=op.num_matvecs - matvecs_before)
+            if bool(meets.all()):
+                ascending = wanted[torch.argsort(theta[wanted])]
+                values = theta[ascending]
+                vectors = _ritz_vectors(kb, S[:, ascending], size, op)
+                residuals = residual_norms(op, values, vectors)
+                check_matvecs += k
+                checked = (values, vectors, residuals)
+                if bool(converged_mask(values, residuals, tol).all()):
+                    stop_reason = "converged"
+                    break
+                failed_checks += 1
+                if failed_checks >= STAGNATION_CHECKS:
+                    stop_reason = "stagnated"
+                    break
+            else:
+                failed_checks = 0
+            if restarts >= maxiter:
                 break
-            failed_checks += 1
-            if failed_checks >= STAGNATION_CHECKS:
-                stop_reason = "stagnated"
-                break
-        else:
-            failed_checks = 0
-        if restarts >= maxiter:
-            break
-        kept = _restart(kb, F, theta, S, order, last, size, k, p, m)
-        restarts += 1
-    if bar is not None:
-        bar.close()
+            kept = _restart(kb, F, theta, S, order, last, size, k, p, m)
+            restarts += 1
 
     if checked is None or stop_reason == "maxiter":
         ascending = wanted[torch.argsort(theta[wanted])]

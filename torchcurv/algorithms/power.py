@@ -93,31 +93,29 @@ def power_eigsh(
     found = torch.zeros(n, 0, dtype=dtype, device=op.device)
     products = torch.zeros(n, 0, dtype=dtype, device=op.device)  # A @ found
     iterations = []
-    bar = progress_bar(progress, k, "torchcurv power")
-    for pair in range(k):
-        if pair == 0 and first is not None:
-            x = first.to(op.device, dtype)
-        else:
-            x = start_block(n, 1, dtype, op.device, generator=generator)[:, 0]
-        x = _unit(_deflate(x, found))
-        for iteration in range(1, maxiter + 1):
-            y = op.matvec(x.to(op.dtype)).to(dtype)
-            value = float(x @ y)
-            z = _deflate(y, found)
-            residual = float((z - value * x).norm())
-            if callback is not None:
-                callback({"pair": pair, "iteration": iteration, "eigenvalue": value,
-                          "residual": residual})
-            if residual <= tol * abs(value) or iteration == maxiter:
-                break
-            x = _unit(z)
-        iterations.append(iteration)
-        found = torch.cat([found, x[:, None]], dim=1)
-        products = torch.cat([products, y[:, None]], dim=1)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    with progress_bar(progress, k, "torchcurv power") as bar:
+        for pair in range(k):
+            if pair == 0 and first is not None:
+                x = first.to(op.device, dtype)
+            else:
+                x = start_block(n, 1, dtype, op.device, generator=generator)[:, 0]
+            x = _unit(_deflate(x, found))
+            for iteration in range(1, maxiter + 1):
+                y = op.matvec(x.to(op.dtype)).to(dtype)
+                value = float(x @ y)
+                z = _deflate(y, found)
+                residual = float((z - value * x).norm())
+                if callback is not None:
+                    callback({"pair": pair, "iteration": iteration, "eigenvalue": value,
+                              "residual": residual})
+                if residual <= tol * abs(value) or iteration == maxiter:
+                    break
+                x = _unit(z)
+            iterations.append(iteration)
+            found = torch.cat([found, x[:, None]], dim=1)
+            products = torch.cat([products, y[:, None]], dim=1)
+            if bar is not None:
+                bar.update(1)
 
     values, vectors = _rayleigh_ritz(found, products)
     vectors = vectors.to(op.dtype)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from torchcurv.errors import MissingExtraError
+from torchcurv.algorithms.arguments import tqdm_bar
 from torchcurv.operators.base import LinearOperator
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -144,13 +144,7 @@ class BudgetedProducts:
         self.block_size = block_size
         self.callback = callback
         self.used = 0
-        self._bar = None
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError as err:
-                raise MissingExtraError("tqdm", "progress", "progress=True") from err
-            self._bar = tqdm(total=budget, desc=desc, unit="matvec")
+        self._bar = tqdm_bar(budget, desc, unit="matvec") if progress else None
 
     def __call__(self, V: torch.Tensor) -> torch.Tensor:
         """``A @ V`` for ``V`` of shape ``(n, m)`` in any float dtype; returned in V's dtype."""

@@ -22,9 +22,9 @@ import numpy as np
 import scipy.sparse.linalg as sla
 import torch
 
-from torchcurv.algorithms.assemble import Stopwatch, as_tensor, assemble_result
+from torchcurv.algorithms.arguments import check_start
+from torchcurv.algorithms.assemble import Stopwatch, assemble_result
 from torchcurv.algorithms.result import EigshResult, start_block
-from torchcurv.errors import OperatorInputError
 from torchcurv.interop.scipy import as_linear_operator
 from torchcurv.operators.base import LinearOperator
 
@@ -76,10 +76,7 @@ def lobpcg_eigsh(
     if X0 is None:
         X = start_block(n, m, torch.float64, torch.device("cpu"), seed).numpy()
     else:
-        X0 = as_tensor(X0)
-        if tuple(X0.shape) != (n, m):
-            raise OperatorInputError(f"X0 has shape {tuple(X0.shape)}; need ({n}, {m})")
-        X = X0.detach().cpu().double().numpy()
+        X = check_start(X0, n, m, "X0").cpu().numpy()
     X = X.astype(A.dtype)
 
     clock = Stopwatch(op.device)

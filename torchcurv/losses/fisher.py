@@ -34,6 +34,14 @@ def _as_scale(scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(scale, dtype=like.dtype, device=like.device)
 
 
+def _drawable(prob: torch.Tensor, fill: float) -> torch.Tensor:
+    """``prob`` with NaN (from a NaN/inf model output) replaced by ``fill``, so that torch's
+    samplers do not fail on it (a device-side assert on CUDA). The batch's loss is then NaN
+    too, and the operator raises :class:`~torchcurv.NonFiniteLossError` naming the batch;
+    finite probabilities are untouched, so the draws are the same as without this."""
+    return prob.nan_to_num(nan=fill)
+
+
 def empirical_fisher_factors(
     objective: Objective,
     output: torch.Tensor,
@@ -82,13 +90,15 @@ def monte_carlo_fisher_factors(
     scale_t = _as_scale(scale, f)
     if isinstance(criterion, nn.CrossEntropyLoss):
         prob = torch.softmax(f, dim=1)
-        labels = prob.multinomial(mc_samples, replacement=True, generator=generator).T
+        labels = _drawable(prob, 1 / layout.width).multinomial(
+            mc_samples, replacement=True, generator=generator).T
         onehot = nn.functional.one_hot(labels, num_classes=layout.width).to(f.dtype)
         row = criterion_row_weights(criterion, output, target).to(f.dtype) * scale_t
         g = (prob.unsqueeze(0) - onehot) * row.clamp_min(0).sqrt()[None, :, None]
     elif isinstance(criterion, nn.BCEWithLogitsLoss):
         prob = f.sigmoid()
-        draws = prob.unsqueeze(0).expand(mc_samples, -1, -1).bernoulli(generator=generator)
+        draws = _drawable(prob, 0.5).unsqueeze(0).expand(mc_samples, -1, -1).bernoulli(
+            generator=generator)
         weights = bce_with_logits_curvature_weights(criterion, output, target) * scale_t
         g = (prob.unsqueeze(0) - draws) * layout.to_rows(weights[None]).clamp_min(0).sqrt()
     elif isinstance(criterion, nn.MSELoss):

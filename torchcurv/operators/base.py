@@ -25,7 +25,11 @@ class LinearOperator:
         dtype: dtype of the vectors the operator takes and returns.
         device: device of the vectors the operator takes and returns.
         num_matvecs: number of vectors multiplied so far (a block of ``m`` counts ``m``).
-        num_calls: number of product calls so far (a block counts once).
+        num_calls: number of product calls so far (a block counts once; an empty
+            ``(n, 0)`` block, answered without a product, not at all).
+
+    Every product refuses vectors with NaN/inf entries
+    (:class:`~torchcurv.OperatorInputError`), whatever the operator.
     """
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
@@ -124,6 +128,11 @@ class LinearOperator:
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
         one = V.ndim == 1
         block = V.unsqueeze(1) if one else V
+        if block.shape[1] == 0:
+            # scipy's operators answer an empty block with an empty block; no product
+            # happens, so nothing is counted
+            return block.new_zeros(block.shape)
+        _check_finite(block, one)
         out = self._matmat(block)
         self.num_matvecs += block.shape[1]
         self.num_calls += 1
@@ -154,6 +163,23 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} n={self._n} dtype={self._dtype} device={self._device}>"
+
+
+def _check_finite(block: torch.Tensor, one: bool) -> None:
+    """Refuse NaN/inf in the vectors before any product, alike for every operator (a
+    product would otherwise return NaN, or blame the loss)."""
+    finite = torch.isfinite(block)
+    if bool(finite.all()):  # the one host sync per product
+        return
+    bad = (~finite).sum(dim=0)
+    columns = bad.nonzero().flatten().tolist()
+    count = int(bad.sum())
+    if one:
+        what = f"the vector has {count} non-finite entries (NaN/inf)"
+    else:
+        shown = ", ".join(map(str, columns[:10])) + (", ..." if len(columns) > 10 else "")
+        what = f"the vectors have {count} non-finite entries (NaN/inf) in column(s) [{shown}]"
+    raise OperatorInputError(f"{what}; a product with them is undefined")
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -10,6 +10,7 @@ import torch
 
 from torchcurv.errors import MissingExtraError
 from torchcurv.operators.base import LinearOperator
+from torchcurv.operators.curvature import CurvatureOperator
 from torchcurv.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
 from torchcurv.operators.ggn import GGNOperator
 from torchcurv.operators.hessian import HessianOperator
@@ -26,19 +27,35 @@ def dense_reference(op: LinearOperator) -> Product:
 
 def finite_difference_reference(op: LinearOperator) -> Product:
     """The same operator rebuilt with its finite-difference derivative path."""
-    common = dict(params=op.params, check_deterministic=False)
     if isinstance(op, HessianOperator):
-        ref = HessianOperator(op.model, op.objective, op.data, method="finite_difference",
-                              **common)
-    elif isinstance(op, MCFisherOperator):
-        ref = MCFisherOperator(op.model, op.objective, op.data, mc_samples=op.mc_samples,
-                               jvp="finite_difference", **common)
-        ref.seed, ref._state = op.seed, op._state
+        ref = rebuild(op, method="finite_difference")
     elif isinstance(op, OutputSpaceOperator):
-        ref = type(op)(op.model, op.objective, op.data, jvp="finite_difference", **common)
+        ref = rebuild(op, jvp="finite_difference")
     else:
         raise TypeError(f"no finite-difference form is known for {type(op).__name__}")
     return ref.matmat
+
+
+def rebuild(op: CurvatureOperator, **changes: Any) -> CurvatureOperator:
+    """A new operator of ``op``'s class with every constructor argument ``op`` was built
+    with, except ``changes``: the same matrix, so a reference differs only in how its
+    products are computed. Checks already passed on ``op`` are not repeated."""
+    config: dict[str, Any] = dict(
+        params=op.params, check_deterministic=False, process_group=op.process_group,
+        distributed=op.distributed, debug_distributed=op.debug_distributed,
+        microbatch_size=op.microbatch_size,
+    )
+    if isinstance(op, HessianOperator):
+        config["method"] = op.method
+    if isinstance(op, OutputSpaceOperator):
+        config["jvp"] = op.jvp
+    if isinstance(op, MCFisherOperator):
+        config.update(mc_samples=op.mc_samples, seed=op.seed,
+                      per_batch_seeds=op.per_batch_seeds)
+        if op._state is not None:  # built from a generator: give one in the same state
+            config["generator"] = op.fresh_generator()
+    config.update(changes)
+    return type(op)(op.model, op.objective, op.data, **config)
 
 
 def curvlinops_reference(op: LinearOperator) -> Product:
@@ -66,6 +83,11 @@ def curvlinops_reference(op: LinearOperator) -> Product:
     if isinstance(op, MCFisherOperator):
         if op._state is not None:
             raise ValueError("curvlinops draws from a seed; build the operator with seed=")
+        if op.per_batch_seeds:
+            raise ValueError(
+                "curvlinops draws one stream through all batches; build the operator with "
+                "per_batch_seeds=False"
+            )
         extra = dict(seed=op.seed, mc_samples=op.mc_samples)
     ref = kinds[type(op)](op.model, criterion, list(op.params), op.data,
                           check_deterministic=False, **extra)
