@@ -10,33 +10,17 @@ processes under a join timeout, so a broken check fails instead of hanging.
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import WORLD, assert_check_ok, run_checks, shard_of
 from zoo import case, rel
 
 import torchcurv
 
-WORLD = 2
 COLLECTIVE_TIMEOUT_S = 30
 JOIN_TIMEOUT_S = 150
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _shard(data, rank):
-    # Unequal shards: rank 0 holds batches of 5 and 3 rows, rank 1 one batch of 2.
-    return data[:2] if rank == 0 else data[2:]
 
 
 def _gather(t: torch.Tensor) -> list[torch.Tensor]:
@@ -63,7 +47,7 @@ def check_products(rank):
     for model_name in ("mlp_tanh", "layernorm"):
         model, criterion, data = case(model_name, "ce")
         local = dict(_operators(model, criterion, data, distributed=False))
-        shard = _shard(data, rank)
+        shard = shard_of(data, rank)
         for wrap in ("plain", "ddp"):
             net = model if wrap == "plain" else torch.nn.parallel.DistributedDataParallel(model)
             for name, op in _operators(net, criterion, shard, debug_distributed=True):
@@ -88,7 +72,7 @@ def check_mc_fisher(rank):
     # Per-batch seeds keyed by the global batch index: the distributed MC Fisher is the
     # single-process one with per_batch_seeds=True on the shards in rank order.
     model, criterion, data = case("mlp_tanh", "ce")
-    op = torchcurv.MCFisherOperator(model, criterion, _shard(data, rank), mc_samples=3,
+    op = torchcurv.MCFisherOperator(model, criterion, shard_of(data, rank), mc_samples=3,
                                     seed=4, debug_distributed=True)
     assert op.per_batch_seeds and op.batch_counts == [2, 1]
     assert op.batch_offset == (0 if rank == 0 else 2)
@@ -103,7 +87,7 @@ def check_mc_fisher(rank):
 def check_eigsh(rank):
     for model_name in ("mlp_tanh", "layernorm"):
         model, criterion, data = case(model_name, "ce")
-        H = torchcurv.HessianOperator(model, criterion, _shard(data, rank),
+        H = torchcurv.HessianOperator(model, criterion, shard_of(data, rank),
                                       debug_distributed=True)
         H1 = torchcurv.HessianOperator(model, criterion, data, distributed=False)
         for backend in ("lanczos", "arpack"):
@@ -117,7 +101,7 @@ def check_eigsh(rank):
 
 def check_randomized(rank):
     model, criterion, data = case("layernorm", "ce")
-    H = torchcurv.HessianOperator(model, criterion, _shard(data, rank), debug_distributed=True)
+    H = torchcurv.HessianOperator(model, criterion, shard_of(data, rank), debug_distributed=True)
     H1 = torchcurv.HessianOperator(model, criterion, data, distributed=False)
     est = torchcurv.trace(H, num_matvecs=12, method="hutch++", seed=7)
     assert abs(est.estimate - torchcurv.trace(H1, num_matvecs=12, method="hutch++",
@@ -153,7 +137,7 @@ def check_fsdp2_finite_difference(rank):
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
     before = [p.full_tensor().clone() for p in model.parameters()]
-    shard = _shard(data, rank)  # unequal: rank 1 pads with zero-weight passes
+    shard = shard_of(data, rank)  # unequal: rank 1 pads with zero-weight passes
     H = torchcurv.HessianOperator(model, criterion, shard, method="finite_difference",
                                   debug_distributed=True)
     assert H.fsdp and H.n == reference.n
@@ -186,7 +170,7 @@ def check_failure_does_not_hang(rank):
 
     objective = torchcurv.Objective(forward=lambda m, b: m(b[0]), loss=loss,
                                     weight=lambda b: b[1].numel())
-    op = torchcurv.HessianOperator(model, objective, _shard(data, rank))
+    op = torchcurv.HessianOperator(model, objective, shard_of(data, rank))
     v = torch.ones(op.n, dtype=torch.float64)
     expected = "rank 1 broke" if rank == 1 else "other rank"
     with pytest.raises(RuntimeError, match=expected):
@@ -195,7 +179,7 @@ def check_failure_does_not_hang(rank):
 
 def check_nonfinite_loss_raises_on_every_rank(rank):
     model, criterion, data = case("mlp_tanh", "ce")
-    shard = [(x.clone(), y) for x, y in _shard(data, rank)]
+    shard = [(x.clone(), y) for x, y in shard_of(data, rank)]
     if rank == 1:
         shard[0][0][0, 0] = float("nan")
     # At construction: rank 1's loss check fails, rank 0 learns of it.
@@ -214,55 +198,14 @@ CHECKS = [check_products, check_mc_fisher, check_eigsh, check_randomized,
           check_nonfinite_loss_raises_on_every_rank]
 
 
-def _worker(rank, port, out_dir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        for check in CHECKS:
-            try:
-                check(rank)
-                status = "ok"
-            except BaseException:
-                status = traceback.format_exc()
-            with open(os.path.join(out_dir, f"{check.__name__}.rank{rank}.txt"), "w") as f:
-                f.write(status)
-            # Stop together after a failure: the ranks' collectives are out of step.
-            flag = torch.tensor([float(status != "ok")])
-            dist.all_reduce(flag)
-            if flag.item():
-                break
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=JOIN_TIMEOUT_S)
-    hung = [i for i, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return out, hung
+    return out, run_checks(out, CHECKS, collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+                           join_timeout_s=JOIN_TIMEOUT_S)
 
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 60)
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
 def test_two_gloo_ranks(outcomes, check):
-    out, hung = outcomes
-    assert not hung, f"rank(s) {hung} hung"
-    for r in range(WORLD):
-        path = out / f"{check}.rank{r}.txt"
-        assert path.exists(), f"rank {r} never ran {check} (an earlier check failed)"
-        status = path.read_text()
-        assert status == "ok", f"rank {r}:\n{status}"
+    assert_check_ok(*outcomes, check)

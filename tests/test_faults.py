@@ -11,21 +11,15 @@ out" fails the check instead of passing it.
 
 from __future__ import annotations
 
-import os
 import time
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import _free_port
+from gloo_ranks import assert_check_ok, run_checks, shard_of
 from zoo import case, rel
 
 import torchcurv
 
-WORLD = 2
 COLLECTIVE_TIMEOUT_S = 60  # a rank waiting for this long has missed the failure
 BOUND_S = 15  # every scenario's ranks must raise well within this
 JOIN_TIMEOUT_S = 240
@@ -35,13 +29,9 @@ class InjectedError(RuntimeError):
     pass
 
 
-def _shard(data, rank):
-    return data[:2] if rank == 0 else data[2:]
-
-
 def _setup(rank):
     model, criterion, data = case("mlp_tanh", "ce")
-    shard = _shard(data, rank)
+    shard = shard_of(data, rank)
     reference = {
         "hessian": torchcurv.HessianOperator(model, criterion, data, distributed=False),
         "ggn": torchcurv.GGNOperator(model, criterion, data, distributed=False),
@@ -168,54 +158,14 @@ CHECKS = [check_construction, check_product, check_algorithms, check_ranks_disag
           check_loader_shrinks]
 
 
-def _worker(rank, port, out_dir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        for check in CHECKS:
-            try:
-                check(rank)
-                status = "ok"
-            except BaseException:
-                status = traceback.format_exc()
-            with open(os.path.join(out_dir, f"{check.__name__}.rank{rank}.txt"), "w") as f:
-                f.write(status)
-            flag = torch.tensor([float(status != "ok")])
-            dist.all_reduce(flag)
-            if flag.item():
-                break
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=JOIN_TIMEOUT_S)
-    hung = [i for i, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return out, hung
+    return out, run_checks(out, CHECKS, collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+                           join_timeout_s=JOIN_TIMEOUT_S)
 
 
 @pytest.mark.timeout(JOIN_TIMEOUT_S + 60)
 @pytest.mark.parametrize("check", [c.__name__ for c in CHECKS])
 def test_fault_on_one_rank(outcomes, check):
-    out, hung = outcomes
-    assert not hung, f"rank(s) {hung} hung"
-    for r in range(WORLD):
-        path = out / f"{check}.rank{r}.txt"
-        assert path.exists(), f"rank {r} never ran {check} (an earlier check failed)"
-        status = path.read_text()
-        assert status == "ok", f"rank {r}:\n{status}"
+    assert_check_ok(*outcomes, check)

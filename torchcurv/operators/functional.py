@@ -40,6 +40,40 @@ def serialised_transforms() -> Iterator[None]:
         yield
 
 
+def vmapped_forward_mode(
+    fn: Callable[..., Any], blocks: Sequence[torch.Tensor], *, out_dims: Any = 0, advice: str
+) -> Any:
+    """``fn`` over the leading (vector) axis of ``blocks``, under the transforms lock.
+
+    A one-vector block skips ``vmap`` (its batching rules cost time and miss some ops);
+    outputs at ``out_dims=None`` are shared by all vectors. A missing forward-mode
+    derivative (``RuntimeError``/``NotImplementedError`` from torch) is re-raised naming
+    the method and ``advice``; out-of-memory passes unchanged so that a caller can shrink
+    the block.
+    """
+    try:
+        with serialised_transforms():
+            if blocks[0].shape[0] == 1:
+                return _with_vector_axis(fn(*(b[0] for b in blocks)), out_dims)
+            return vmap(fn, out_dims=out_dims)(*blocks)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError) as exc:
+        raise RuntimeError(
+            f"forward-mode AD failed on this model or loss ({exc}); {advice}"
+        ) from exc
+
+
+def _with_vector_axis(out: Any, out_dims: Any) -> Any:
+    if out_dims is None:
+        return out
+    if isinstance(out_dims, tuple):
+        return tuple(_with_vector_axis(o, d) for o, d in zip(out, out_dims))
+    if isinstance(out, torch.Tensor):
+        return out.unsqueeze(0)
+    return type(out)(o.unsqueeze(0) for o in out)
+
+
 def _zeros_if_none(tensors, like, leading: tuple[int, ...] = ()) -> list[torch.Tensor]:
     return [
         t if t is not None else torch.zeros(*leading, *p.shape, dtype=p.dtype, device=p.device)
@@ -176,17 +210,7 @@ def _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blo
         _, hv, loss = jvp(grad_fn, primals, vs + zeros, has_aux=True)
         return hv, loss
 
-    try:
-        with serialised_transforms():
-            if blocks[0].shape[0] == 1:
-                hv, loss = hvp(*(b[0] for b in blocks))
-                return loss, [h.unsqueeze(0) for h in hv]
-            hv, loss = vmap(hvp, out_dims=(0, None))(*blocks)
-    except torch.OutOfMemoryError:
-        raise  # not a missing derivative: the caller may catch it and shrink the block
-    except (RuntimeError, NotImplementedError) as exc:
-        raise RuntimeError(
-            f"forward-over-reverse AD failed on this model or loss ({exc}); construct the "
-            "operator with method='autograd' (double backward)"
-        ) from exc
+    hv, loss = vmapped_forward_mode(
+        hvp, blocks, out_dims=(0, None),
+        advice="construct the operator with method='autograd' (double backward)")
     return loss, list(hv)

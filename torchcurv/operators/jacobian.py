@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call, jvp
 
 from torchcurv.objectives import Objective
-from torchcurv.operators.functional import BoundCall, serialised_transforms
+from torchcurv.operators.functional import BoundCall, vmapped_forward_mode
 
 Batch = Any
 
@@ -48,18 +48,10 @@ def jvp_forward_mode(
         _, out = jvp(lambda *ps: functional_call(bound, dict(zip(keys, ps)), ()), primals, vs)
         return out
 
-    try:
-        with serialised_transforms():
-            if blocks[0].shape[0] == 1:
-                return tangent(*(b[0] for b in blocks)).unsqueeze(0)
-            return vmap(tangent)(*blocks)
-    except torch.OutOfMemoryError:
-        raise  # not a missing derivative: the caller may catch it and shrink the block
-    except (RuntimeError, NotImplementedError) as exc:
-        raise RuntimeError(
-            f"forward-mode AD failed on this model ({exc}); construct the operator with "
-            "jvp='double_vjp' (needs double backward) or jvp='finite_difference'"
-        ) from exc
+    return vmapped_forward_mode(
+        tangent, blocks,
+        advice="construct the operator with jvp='double_vjp' (needs double backward) or "
+        "jvp='finite_difference'")
 
 
 def jvp_double_vjp(
