@@ -1,0 +1,179 @@
+"""KFAC and EKFAC cost against one gradient pass, torchcurv and curvlinops side by side.
+
+Targets of issue 19: building the factors costs at most 1.5x one gradient pass over the
+data, and a matvec and an inverse matvec at most 0.1x one gradient, for
+
+- the benchmark MLP (784-512-512-10, 4 batches of 1024, cross-entropy), all layers;
+- the GPT-2-style model (4 layers, d=256, vocab 50257, B=8, T=256) restricted to its
+  linear layers: HF's ``Conv1D`` layers are converted to the ``nn.Linear`` they equal
+  (KFAC supports ``nn.Linear`` and ``nn.Conv2d``), the causal-LM loss is
+  ``CrossEntropyLoss`` on ``(B, V, T-1)`` logits against the shifted tokens, so both
+  libraries get the same ``(X, y)`` batches.
+
+Per problem and library: ``grad`` (one gradient pass over all batches, the unit),
+``build`` (KFAC factors; EKFAC factors + eigenvalue correction), ``matvec``,
+``inverse_matvec`` (damped factors, and exact damping), each with ``ratio_to_grad``.
+Builds run with ``check_deterministic=False`` in both libraries (torchcurv's checks walk
+the data twice more; one extra row measures them). hessian-eigenthings has no KFAC.
+One JSON line per measurement, each with ``nparams``.
+
+    python benchmarks/kfac.py --device cuda --out benchmarks/results/kfac_h200.jsonl
+    python benchmarks/kfac.py --quick          # CPU smoke: tiny sizes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import emit, gpt2_problem, guarded, machine, mlp_problem, timed, write_to
+from torch import nn
+
+import torchcurv
+
+DAMPING = 1e-3
+
+
+def built(fn, device) -> float:
+    """Median seconds of a construction after one warm-up (first calls pay for lazy
+    initialisation: kernels, allocator, imports)."""
+    return timed(fn, device, reps=3, warmup=1)
+
+
+def gradient_pass(model, criterion, data, params):
+    def run():
+        for x, y in data:
+            torch.autograd.grad(criterion(model(x), y), params)
+    return run
+
+
+def conv1d_to_linear(module: nn.Module) -> nn.Module:
+    """Replace HF ``Conv1D`` (``y = x W + b``, ``W`` of shape ``(in, out)``) by the equal
+    ``nn.Linear`` (weight ``Wᵀ``), in place."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, Conv1D):
+            d_in, d_out = child.weight.shape
+            linear = nn.Linear(d_in, d_out).to(child.weight.device, child.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(child.weight.T)
+                linear.bias.copy_(child.bias)
+            setattr(module, name, linear)
+        else:
+            conv1d_to_linear(child)
+    return module
+
+
+class NextTokenLogits(nn.Module):
+    """``ids -> logits (B, V, T-1)`` of the next tokens: CE's class axis is 1."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids).logits[:, :-1].transpose(1, 2)
+
+
+def gpt2_linear_problem(device, small):
+    lm, batches = gpt2_problem(device, small=small, num_batches=1)
+    model = NextTokenLogits(conv1d_to_linear(lm)).eval()
+    data = [(b["input_ids"], b["input_ids"][:, 1:]) for b in batches]
+    params = [p for m in model.modules() if isinstance(m, nn.Linear)
+              for p in m.parameters() if p is not lm.lm_head.weight]
+    return model, nn.CrossEntropyLoss(), data, params
+
+
+def bench(problem, model, criterion, data, params, device, reps):
+    n = sum(p.numel() for p in params)
+    t_grad = timed(gradient_pass(model, criterion, data, params), device, reps=reps)
+    emit(problem=problem, lib="torch", what="grad", nparams=n, ms=t_grad * 1e3)
+    v = torch.randn(n, device=device)
+
+    def row(lib, what, seconds, **extra):
+        emit(problem=problem, lib=lib, what=what, nparams=n, ms=seconds * 1e3,
+             ratio_to_grad=seconds / t_grad, **extra)
+
+    def ours():
+        settings = dict(params=params, fisher_type="mc", check_deterministic=False)
+        row("torchcurv", "build_kfac", built(lambda: torchcurv.KFACOperator(
+            model, criterion, data, **settings), device))
+        row("torchcurv", "build_kfac_with_checks", built(lambda: torchcurv.KFACOperator(
+            model, criterion, data, params=params), device), check_deterministic=True)
+        K = torchcurv.KFACOperator(model, criterion, data, **settings)
+        row("torchcurv", "matvec_kfac", timed(lambda: K @ v, device, reps=reps))
+        inv = K.inverse(DAMPING)
+        row("torchcurv", "inverse_matvec_kfac", timed(lambda: inv @ v, device, reps=reps),
+            damping="factors")
+        exact = K.inverse(DAMPING, mode="exact")
+        row("torchcurv", "inverse_matvec_kfac", timed(lambda: exact @ v, device, reps=reps),
+            damping="exact")
+        row("torchcurv", "build_ekfac", built(lambda: torchcurv.EKFACOperator(
+            model, criterion, data, **settings), device))
+        E = torchcurv.EKFACOperator(model, criterion, data, **settings)
+        row("torchcurv", "matvec_ekfac", timed(lambda: E @ v, device, reps=reps))
+        inv_e = E.inverse(DAMPING)
+        row("torchcurv", "inverse_matvec_ekfac", timed(lambda: inv_e @ v, device, reps=reps),
+            damping="exact")
+
+    def theirs():
+        import curvlinops
+        from curvlinops.inverse import KFACInverseLinearOperator
+
+        def kfac():
+            K = curvlinops.KFACLinearOperator(model, criterion, params, data,
+                                              check_deterministic=False, seed=0)
+            K.compute_kronecker_factors()
+            return K
+
+        row("curvlinops", "build_kfac", built(kfac, device))
+        K = kfac()
+        row("curvlinops", "matvec_kfac", timed(lambda: K @ v, device, reps=reps))
+        for mode, kw in (("factors", {}), ("exact", {"use_exact_damping": True})):
+            inv = KFACInverseLinearOperator(K, damping=DAMPING, **kw)
+            row("curvlinops", "inverse_matvec_kfac", timed(lambda inv=inv: inv @ v, device,
+                                                           reps=reps), damping=mode)
+
+        def ekfac():
+            E = curvlinops.EKFACLinearOperator(model, criterion, params, data,
+                                               check_deterministic=False, seed=0)
+            E.compute_kronecker_factors()
+            E.compute_eigenvalue_correction()
+            return E
+
+        row("curvlinops", "build_ekfac", built(ekfac, device))
+        E = ekfac()
+        row("curvlinops", "matvec_ekfac", timed(lambda: E @ v, device, reps=reps))
+        inv = KFACInverseLinearOperator(E, damping=DAMPING, use_exact_damping=True)
+        row("curvlinops", "inverse_matvec_ekfac", timed(lambda: inv @ v, device, reps=reps),
+            damping="exact")
+
+    guarded(problem, "torchcurv", ours)
+    guarded(problem, "curvlinops", theirs)
+    emit(problem=problem, lib="hessian_eigenthings", nparams=n,
+         skipped="hessian-eigenthings 1.0.0a5 has no KFAC")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU, seconds")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--only", choices=["mlp", "gpt2"], default=None)
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = ap.parse_args()
+    write_to(args.out)
+    device = torch.device("cpu" if args.quick else args.device)
+    reps = 2 if args.quick else args.reps
+    emit(what="machine", quick=args.quick, **machine(device))
+    if args.only in (None, "mlp"):
+        model, criterion, data = mlp_problem(device, small=args.quick)
+        bench("mlp", model, criterion, data, list(model.parameters()), device, reps)
+    if args.only in (None, "gpt2"):
+        guarded("gpt2_linear", "setup", lambda: bench(
+            "gpt2_linear", *gpt2_linear_problem(device, args.quick), device, reps))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,913 @@
+"""Kronecker-factored curvature: KFAC, EKFAC and the exact inverse of damped KFAC.
+
+KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions; Eschenhagen et al.
+2023 for weight sharing) approximates each layer's block of the GGN / Fisher by one
+Kronecker product and drops the blocks between layers. For a layer ``z = W a (+ b)``,
+with ``a`` its input and ``g`` the gradient of the loss with respect to its output ``z``:
+
+- ``A = 1/N sum_n 1/S sum_s a_ns a_nsᵀ`` (the input covariance; ``N`` examples, ``S``
+  shared positions per example: tokens of a sequence, output locations of a
+  convolution, where ``a`` is the patch);
+- ``B = sum_n sum_s g_ns g_nsᵀ``, with ``g`` the backpropagated columns of the output
+  space factor of the data set's loss (see ``fisher_type``), so that ``B`` carries the
+  loss's ``1/(number of loss terms)`` for ``reduction="mean"``;
+- the block of ``vec(W)`` (row-major, torchcurv's flattening) is ``B ⊗ A``: the product
+  with a weight-shaped ``M`` is ``B M A``. A bias alone has ``B`` (its ``A`` is ``[1]``);
+  with ``separate_weight_and_bias=False``, ``[W, b]`` is one block ``B ⊗ A'`` with ``a'``
+  the input with a 1 appended.
+
+``kfac_approx="reduce"`` first averages ``a`` and sums ``g`` over the ``S`` shared
+positions of each example (Eschenhagen et al. 2023); ``"expand"`` treats every position
+as an example. Without weight sharing both are the same.
+
+EKFAC (George et al. 2018) keeps KFAC's eigenbasis ``Q_B ⊗ Q_A`` and replaces the
+eigenvalues ``λ_B,i λ_A,j`` by the second moments of the per-example gradients in that
+basis, ``sum_n (Q_Bᵀ G_n Q_A)_ij²``: the best diagonal in the basis (in Frobenius norm)
+for the Fisher of per-example gradients.
+
+Everything is computed from the factors: products (two small matmuls per block),
+eigenvalues and eigenvectors, trace, (log-)determinant and the inverse, with no Krylov
+method. Construction walks the data once (twice for EKFAC), with one forward pass and
+``S`` backward passes to the layer outputs per batch (``S = mc_samples`` for "mc", 1 for
+"empirical", the output width for "type-2"); products never touch the model or the data.
+
+Conventions are curvlinops 3.0.1's (``KFACLinearOperator``, ``EKFACLinearOperator``,
+``KFACInverseLinearOperator``), with the differences torchcurv's Fisher operators have
+(:mod:`torchcurv.operators.fisher`): loss terms are counted as the criterion counts them,
+so ``ignore_index`` and class weights are exact (curvlinops divides by the row count),
+and the type-2 / Monte-Carlo factors include class weights and ``pos_weight``.
+``N`` counts the rows of ``X`` for ``(X, y)`` batches (curvlinops' ``num_data``), else
+the leading dimension of the model output. docs/kfac.md has the mapping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from torchcurv.algorithms.probing import check_choice
+from torchcurv.algorithms.solve import check_damping
+from torchcurv.distributed.reduce import all_reduce_sum, checkpoint
+from torchcurv.dtypes import accumulation_dtype
+from torchcurv.errors import NonFiniteLossError
+from torchcurv.losses.fisher import SAMPLEABLE, empirical_fisher_factors, monte_carlo_fisher_factors
+from torchcurv.losses.hessian_sqrt import LossHessianSqrt
+from torchcurv.objectives import Objective
+from torchcurv.operators.base import ParameterOperator
+from torchcurv.operators.curvature import BatchLosses, CurvatureOperator
+from torchcurv.operators.fisher import SeededDraws
+from torchcurv.operators.jacobian import forward_with_graph
+from torchcurv.operators.model_guard import preserved
+
+Batch = Any
+FisherType = Literal["mc", "empirical", "type-2"]
+FISHER_TYPES: tuple[FisherType, ...] = get_args(FisherType)
+KFACApprox = Literal["expand", "reduce"]
+KFAC_APPROXES: tuple[KFACApprox, ...] = get_args(KFACApprox)
+DampingMode = Literal["factors", "heuristic", "exact"]
+DAMPING_MODES: tuple[DampingMode, ...] = get_args(DampingMode)
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+# per block (λ_B, Q_B, λ_A, Q_A); λ_A, Q_A are None for a bias alone
+_Eigh = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class KroneckerFactor:
+    """One Kronecker block ``B ⊗ A`` of :class:`KFACOperator`.
+
+    Attributes:
+        layer: the module's name in the model.
+        params: the names of the parameters the block covers (weight first; both for a
+            joint weight-and-bias block).
+        input_covariance: ``A``, ``(c, c)`` with ``c`` the weight's entries per output
+            (plus 1 for a joint block); ``None`` for a bias alone (its ``A`` is ``[1]``).
+        gradient_covariance: ``B``, ``(d_out, d_out)``.
+    """
+
+    layer: str
+    params: tuple[str, ...]
+    input_covariance: torch.Tensor | None
+    gradient_covariance: torch.Tensor
+
+
+@dataclass(frozen=True)
+class KroneckerEigenpairs:
+    """Eigenpairs of a Kronecker-factored operator, from its factors.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64 on the CPU, ascending (as ``eigsh`` returns them).
+        eigenvectors: ``(n, k)`` on the operator's device, column ``i`` for
+            ``eigenvalues[i]``; orthonormal.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one Kronecker block sits: its parameters and their columns in ``[W, b]``."""
+
+    layer: str
+    indices: tuple[int, ...]
+    widths: tuple[int, ...]
+    weight: bool  # whether the block has an input factor (a weight in it)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str
+    module: nn.Module
+    weight: int | None  # index into the operator's params
+    bias: int | None
+    d_out: int
+
+
+class _Blocks:
+    """Per-block matrices applied to blocks ``M`` of shape ``(d_out, c, m)`` (``m``
+    vectors, each the block's ``[W, b]``).
+
+    ``scale is None``: ``M -> left M right`` (``right is None``: ``left M``).
+    Otherwise the eigenbasis form ``M -> Q_B ((Q_Bᵀ M Q_A) * scale) Q_Aᵀ`` with
+    ``left = Q_B``, ``right = Q_A`` and ``scale`` of shape ``(d_out, c)``.
+    """
+
+    def __init__(self, left: list[torch.Tensor], right: list[torch.Tensor | None],
+                 scale: list[torch.Tensor] | None = None) -> None:
+        self.left, self.right, self.scale = left, right, scale
+
+    def apply(self, j: int, M: torch.Tensor) -> torch.Tensor:
+        left, right = self.left[j], self.right[j]
+        if self.scale is None:
+            out = _left(left, M)
+            return out if right is None else _right(out, right)
+        T = _left(left.T, M)
+        if right is not None:
+            T = _right(T, right)
+        T = _left(left, T * self.scale[j][..., None])
+        return T if right is None else _right(T, right.T)
+
+
+def _left(L: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """``L`` applied to the first axis of ``(d, c, m)``: one matmul."""
+    return (L @ T.reshape(T.shape[0], -1)).reshape(L.shape[0], *T.shape[1:])
+
+
+def _right(T: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``(d, c, m)`` times ``R`` over its second axis: one matmul (a view for ``m = 1``)."""
+    d, c, m = T.shape
+    return (T.transpose(1, 2).reshape(d * m, c) @ R).reshape(d, m, -1).transpose(1, 2)
+
+
+def _kronecker_matmat(op: ParameterOperator, slots: Sequence[_Slot], blocks: _Blocks,
+                      dtype: torch.dtype, V: torch.Tensor) -> torch.Tensor:
+    """``V -> blockdiag(...) V`` for an ``(n, m)`` block ``V`` of ``op``'s vectors.
+
+    A parameter's rows of ``V`` are already its ``(d_out, w, m)`` block (row-major
+    flattening), so no transposes: per block one or two matmuls each side.
+    """
+    V = V.to(dtype)
+    m = V.shape[1]
+    pieces = V.split(op._sizes)
+    out: list[torch.Tensor] = list(pieces)
+    for j, slot in enumerate(slots):
+        d_out = op._shapes[slot.indices[0]][0]
+        cols = [pieces[i].reshape(d_out, -1, m) for i in slot.indices]
+        M = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+        R = blocks.apply(j, M)
+        for idx, piece in zip(slot.indices, R.split(list(slot.widths), dim=1)):
+            out[idx] = piece.reshape(-1, m)
+    return torch.cat(out).to(op.dtype)
+
+
+class KFACOperator(SeededDraws, CurvatureOperator):
+    """KFAC: a block-diagonal, Kronecker-factored approximation of the GGN / Fisher.
+
+    Supports ``nn.Linear`` (inputs ``(N, ..., d_in)``: every middle axis is shared) and
+    ``nn.Conv2d`` (zero padding; groups averaged as curvlinops does) layers, with the
+    losses ``CrossEntropyLoss``, ``MSELoss`` and ``BCEWithLogitsLoss`` (``"mean"`` or
+    ``"sum"``). Every selected parameter must be a weight or bias of such a layer, used by
+    that layer only; others raise a ``TypeError`` naming them (select with ``params=`` /
+    ``param_filter=``). The math and the mapping to curvlinops: docs/kfac.md.
+
+    Args:
+        model, criterion, data, params, param_filter, check_deterministic,
+            process_group, distributed, debug_distributed, microbatch_size: as for
+            :class:`~torchcurv.CurvatureOperator`. Distributed, each rank walks its shard
+            and the factors are summed with one all-reduce at construction; products
+            then need no communication.
+        fisher_type: the output-space factor backpropagated for ``B``:
+
+            - ``"mc"`` (default): gradients of the loss at labels drawn from the model's
+              predictive distribution, ``mc_samples`` per sample (the Monte-Carlo
+              Fisher's draws, :class:`~torchcurv.MCFisherOperator`);
+            - ``"empirical"``: the gradient of the loss at the data's labels;
+            - ``"type-2"``: the columns of the loss Hessian's square root (exact in
+              expectation; one backward pass per output entry of a sample).
+        kfac_approx: ``"expand"`` (default) or ``"reduce"`` for shared weights.
+        mc_samples: labels drawn per sample (``fisher_type="mc"`` only).
+        seed, generator, per_batch_seeds: the Monte-Carlo draws, as for
+            :class:`~torchcurv.MCFisherOperator` (curvlinops' default seed is
+            2147483647; pass the same seed to both to compare).
+        separate_weight_and_bias: one block per parameter (default, curvlinops'
+            default) or one joint ``[W, b]`` block per layer.
+
+    Attributes:
+        factors: the :class:`KroneckerFactor` blocks, in parameter order.
+        num_examples: ``N``, the examples the input covariances average over.
+
+    Example:
+        For one linear layer and one example per batch, KFAC is exact; with the
+        type-2 Fisher it is the GGN:
+
+        >>> import torch, torchcurv
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(1, 3, dtype=torch.float64),
+        ...          torch.randn(1, 2, dtype=torch.float64))]
+        >>> K = torchcurv.KFACOperator(model, nn.MSELoss(), data, fisher_type="type-2",
+        ...                            separate_weight_and_bias=False)
+        >>> G = torchcurv.GGNOperator(model, nn.MSELoss(), data)
+        >>> torch.allclose(K.to_dense(), G.to_dense())
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module | Objective,
+        data: Iterable[Batch],
+        *,
+        fisher_type: FisherType = "mc",
+        kfac_approx: KFACApprox = "expand",
+        mc_samples: int = 1,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        per_batch_seeds: bool | None = None,
+        separate_weight_and_bias: bool = True,
+        params: Iterable[torch.Tensor] | None = None,
+        param_filter: str | Sequence[str] | None = None,
+        check_deterministic: bool = True,
+        process_group: Any = None,
+        distributed: bool | None = None,
+        debug_distributed: bool = False,
+        microbatch_size: int | None = None,
+    ) -> None:
+        check_choice(fisher_type, FISHER_TYPES, "fisher_type")
+        check_choice(kfac_approx, KFAC_APPROXES, "kfac_approx")
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        if fisher_type != "mc" and mc_samples != 1:
+            raise ValueError(
+                f"mc_samples={mc_samples} with fisher_type={fisher_type!r}: only the "
+                "Monte-Carlo Fisher draws samples; leave mc_samples=1"
+            )
+        self.fisher_type = fisher_type
+        self.kfac_approx = kfac_approx
+        self.mc_samples = mc_samples
+        self.separate_weight_and_bias = bool(separate_weight_and_bias)
+        self.seed = int(seed)
+        super().__init__(
+            model, criterion, data, params=params, param_filter=param_filter,
+            check_deterministic=check_deterministic, process_group=process_group,
+            distributed=distributed, debug_distributed=debug_distributed,
+            microbatch_size=microbatch_size,
+        )
+        self._init_draws(generator, per_batch_seeds)
+        crit = self.objective.criterion
+        if fisher_type != "empirical" and (
+                not isinstance(crit, SAMPLEABLE) or self.objective.targets is None):
+            raise TypeError(
+                f"fisher_type={fisher_type!r} needs a criterion with a known predictive "
+                f"distribution ({[c.__name__ for c in SAMPLEABLE]}), got "
+                f"{type(crit).__name__ if crit is not None else 'an Objective without one'}"
+                "; fisher_type='empirical' works with any objective"
+            )
+        self.factor_dtype = accumulation_dtype(self.dtype)
+        with self._stage(None):
+            self._layers = self._find_layers()
+            self._slots = self._make_slots()
+        self._A, self._B, self.num_examples = self._compute_factors()
+        self._eig: list[_Eigh] | None = None
+
+    # -- layers and blocks -----------------------------------------------------------
+    def _find_layers(self) -> list[_Layer]:
+        index = {id(p): i for i, p in enumerate(self.params)}
+        owners: dict[int, list[str]] = {}
+        for mname, module in self.model.named_modules(remove_duplicate=False):
+            for pname, p in module._parameters.items():
+                if p is not None and id(p) in index:
+                    owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+        shared = [names for names in owners.values() if len(set(names)) > 1]
+        if shared:
+            raise TypeError(
+                f"parameters shared between modules ({shared[:3]}): KFAC has one factor "
+                "pair per layer; exclude them with params= / param_filter="
+            )
+        layers: list[_Layer] = []
+        covered: set[int] = set()
+        for mname, module in self.model.named_modules():
+            if not isinstance(module, SUPPORTED_LAYERS):
+                continue
+            w, b = (index.get(id(getattr(module, k))) if getattr(module, k, None) is not None
+                    else None for k in ("weight", "bias"))
+            if w is None and b is None:
+                continue
+            if isinstance(module, nn.Conv2d):
+                _check_conv(mname, module)
+            d_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            layers.append(_Layer(mname, module, w, b, d_out))
+            covered.update(i for i in (w, b) if i is not None)
+        outside = [self.param_names[i] for i in range(len(self.params)) if i not in covered]
+        if outside:
+            shown = ", ".join(outside[:8]) + (", ..." if len(outside) > 8 else "")
+            raise TypeError(
+                f"KFAC supports the weights and biases of nn.Linear and nn.Conv2d layers; "
+                f"these selected parameters are outside them: [{shown}]. Exclude them with "
+                "params= or param_filter="
+            )
+        return layers
+
+    def _make_slots(self) -> list[_Slot]:
+        slots = []
+        for layer in self._layers:
+            w, b = layer.weight, layer.bias
+            if w is not None:
+                width = self.params[w].numel() // self.params[w].shape[0]
+            if w is not None and b is not None and not self.separate_weight_and_bias:
+                slots.append(_Slot(layer.name, (w, b), (width, 1), True))
+                continue
+            if w is not None:
+                slots.append(_Slot(layer.name, (w,), (width,), True))
+            if b is not None:
+                slots.append(_Slot(layer.name, (b,), (1,), False))
+        order = sorted(range(len(slots)), key=lambda j: slots[j].indices[0])
+        return [slots[j] for j in order]
+
+    def _joint(self, layer: _Layer) -> bool:
+        return (not self.separate_weight_and_bias and layer.weight is not None
+                and layer.bias is not None)
+
+    # -- the passes over the data ----------------------------------------------------
+    def _walk(self, on_inputs: Callable[[_Layer, torch.Tensor], None],
+              on_grads: Callable[[_Layer, torch.Tensor | None, torch.Tensor, float], None],
+              keep_inputs: bool = False) -> tuple[BatchLosses, float]:
+        """One pass over this rank's data with hooks on the layers.
+
+        Per batch (or microbatch): ``on_inputs(layer, x)`` for each call of a layer
+        (``x`` its input rows: ``(N_l, S, c)`` for the weight, ``c`` with a 1 appended
+        for a joint block, patches for a convolution), then per backpropagated vector
+        ``on_grads(layer, x, g, weight)`` with ``g`` ``(N_l, S, d_out)`` the gradient of
+        that vector at the layer's output (``x`` only with ``keep_inputs``, else
+        ``None``: the inputs are released once ``on_inputs`` has seen them). Returns the
+        batches' losses and the examples.
+        """
+        losses = BatchLosses()
+        examples = 0.0
+        inputs: dict[str, list[torch.Tensor]] = {}
+        outputs: dict[str, list[torch.Tensor]] = {}
+
+        def pre_hook(layer: _Layer):
+            def hook(module, args):
+                if layer.weight is not None:  # a bias alone has no input factor
+                    inputs.setdefault(layer.name, []).append(self._layer_input(layer, args))
+            return hook
+
+        def post_hook(layer: _Layer):
+            def hook(module, args, output):
+                if not output.requires_grad:  # nothing upstream requires grad
+                    output = output.detach().requires_grad_(True)
+                outputs.setdefault(layer.name, []).append(output)
+                # a clone downstream: in-place activations then leave `output` itself
+                # untouched, so its gradient is the layer output's
+                return output.clone()
+            return hook
+
+        rng = None if self.per_batch_seeds else self.fresh_generator()
+        current = None
+        with ExitStack() as stack, torch.enable_grad():
+            stack.enter_context(preserved(self.model))
+            for layer in self._layers:
+                stack.callback(layer.module.register_forward_pre_hook(pre_hook(layer)).remove)
+                stack.callback(layer.module.register_forward_hook(post_hook(layer)).remove)
+            for i, batch, scale in self._batches():
+                if self.fisher_type == "mc" and self.per_batch_seeds and i != current:
+                    rng, current = self.batch_generator(self.batch_offset + i), i
+                inputs.clear()
+                outputs.clear()
+                output = forward_with_graph(self.model, self.objective, batch)
+                examples += _num_examples(batch, output)
+                loss, vectors, weight = self._backprop_vectors(output, batch, scale, rng)
+                losses.add(i, loss)
+                for layer in self._layers:
+                    for x in inputs.get(layer.name, []):
+                        on_inputs(layer, x)
+                if not keep_inputs:
+                    inputs.clear()
+                tensors = [t for layer in self._layers for t in outputs.get(layer.name, [])]
+                count = len(vectors)
+                for s, u in enumerate(vectors):
+                    grads = torch.autograd.grad(output, tensors, grad_outputs=u(),
+                                                retain_graph=s < count - 1, allow_unused=True)
+                    pos = 0
+                    for layer in self._layers:
+                        xs = inputs.get(layer.name, [])
+                        for k in range(len(outputs.get(layer.name, []))):
+                            g = grads[pos]
+                            pos += 1
+                            if g is not None:
+                                kept = xs[k] if k < len(xs) else None
+                                on_grads(layer, kept, self._layer_grad(layer, g), weight)
+                inputs.clear()
+                outputs.clear()
+        return losses, examples
+
+    def _backprop_vectors(self, output: torch.Tensor, batch: Batch, scale, rng):
+        """The batch's loss, the output-space vectors to backpropagate (as thunks, so
+        that type-2's columns are built one at a time) and their common weight."""
+        output_d = output.detach()
+        if self.fisher_type == "empirical":
+            weight = scale * self.total_weight if self.objective.reduction == "mean" else 1.0
+            loss, factor = empirical_fisher_factors(self.objective, output_d, batch,
+                                                    scale * weight)
+            rows = factor.layout.from_rows(factor.factors)
+            return loss, [lambda: rows[0].to(output.dtype)], 1.0
+        with torch.no_grad():
+            loss = self.objective.loss(output_d, batch)
+        crit, targets = self.objective.criterion, self.objective.targets
+        assert crit is not None and targets is not None  # refused at construction
+        target = targets(batch)
+        if self.fisher_type == "mc":
+            factor = monte_carlo_fisher_factors(crit, output_d, target, scale,
+                                                self.mc_samples, rng)
+            rows = factor.layout.from_rows(factor.factors).to(output.dtype)
+            return loss, [(lambda s=s: rows[s]) for s in range(self.mc_samples)], (
+                1.0 / self.mc_samples)
+        root = LossHessianSqrt(crit, output_d, target, scale)
+        return loss, [(lambda c=c: root.column(c).to(output.dtype))
+                      for c in range(root.width)], 1.0
+
+    def _layer_input(self, layer: _Layer, args: tuple) -> torch.Tensor:
+        """The layer's input as ``(N_l, S, c)`` rows of the factor dtype."""
+        if len(args) != 1:
+            raise TypeError(f"layer '{layer.name}' is called with {len(args)} inputs, not 1")
+        x = args[0].detach().to(self.factor_dtype)
+        module = layer.module
+        if x.ndim < (4 if isinstance(module, nn.Conv2d) else 2):
+            raise ValueError(
+                f"layer '{layer.name}' got an input of shape {tuple(x.shape)}; KFAC needs a "
+                "leading batch dimension"
+            )
+        if isinstance(module, nn.Conv2d):
+            x = _patches(x, module)
+        else:
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self._joint(layer):
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        return x
+
+    def _layer_grad(self, layer: _Layer, g: torch.Tensor) -> torch.Tensor:
+        g = g.detach().to(self.factor_dtype)
+        if isinstance(layer.module, nn.Conv2d):
+            g = g.movedim(1, -1)
+        return g.reshape(g.shape[0], -1, g.shape[-1])
+
+    def _compute_factors(self) -> tuple[list[torch.Tensor | None], list[torch.Tensor], float]:
+        dtype, device = self.factor_dtype, self.device
+        A: dict[str, torch.Tensor] = {}
+        B: dict[str, torch.Tensor] = {}
+        reduce = self.kfac_approx == "reduce"
+
+        def on_inputs(layer: _Layer, x: torch.Tensor) -> None:
+            if layer.weight is None:
+                return
+            if reduce:
+                rows, share = x.mean(dim=1), 1
+            else:
+                rows, share = x.reshape(-1, x.shape[-1]), x.shape[1]
+            _add(A, layer.name, rows.T @ rows / share)
+
+        def on_grads(layer: _Layer, x, g: torch.Tensor, weight: float) -> None:
+            rows = g.sum(dim=1) if reduce else g.reshape(-1, g.shape[-1])
+            _add(B, layer.name, (rows.T @ rows) * weight)
+
+        def local() -> tuple[BatchLosses, list[torch.Tensor]]:
+            losses, examples = self._walk(on_inputs, on_grads)
+            parts = []
+            for layer in self._layers:
+                d_out = layer.d_out
+                if layer.weight is not None:
+                    c = self._slot_of(layer.weight).widths
+                    size = sum(c)
+                    parts.append(A.get(layer.name, torch.zeros(size, size, dtype=dtype,
+                                                                device=device)))
+                parts.append(B.get(layer.name, torch.zeros(d_out, d_out, dtype=dtype,
+                                                            device=device)))
+            parts.append(torch.tensor([examples], dtype=dtype, device=device))
+            return losses, parts
+
+        parts = self._summed_over_ranks(local, "the construction of the Kronecker factors")
+        examples = float(parts.pop())
+        if examples <= 0:
+            raise ValueError("the data has no examples: KFAC's input covariances are empty")
+        pieces = iter(parts)
+        layer_A, layer_B = {}, {}
+        for layer in self._layers:
+            if layer.weight is not None:
+                layer_A[layer.name] = next(pieces) / examples
+            layer_B[layer.name] = next(pieces)
+        As = [layer_A[s.layer] if s.weight else None for s in self._slots]
+        Bs = [layer_B[s.layer] for s in self._slots]
+        return As, Bs, examples
+
+    def _slot_of(self, index: int) -> _Slot:
+        return next(s for s in self._slots if index in s.indices)
+
+    def _summed_over_ranks(self, local, what: str) -> list[torch.Tensor]:
+        """``local()``'s tensors, summed over the ranks with one all-reduce; a NaN/inf
+        loss anywhere raises on every rank."""
+        with self._stage(self.device):
+            losses, parts = local()
+            bad = losses.nonfinite_batches()
+        if not self.distributed:
+            losses.raise_if_not_finite()
+            return parts
+        reached = checkpoint(self.device, self.process_group, nonfinite=len(bad), what=what)
+        if reached.nonfinite:
+            losses.raise_if_not_finite()
+            raise NonFiniteLossError(
+                f"the loss is not finite on {reached.nonfinite} batch(es) of other ranks"
+            )
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        flat = all_reduce_sum(flat, self.process_group, checkpointed=True)
+        return [c.view(p.shape) for c, p in zip(flat.split([p.numel() for p in parts]), parts)]
+
+    # -- products ----------------------------------------------------------------------
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return _kronecker_matmat(self, self._slots, self._blocks(), self.factor_dtype, V)
+
+    def _blocks(self) -> _Blocks:
+        return _Blocks(self._B, self._A)
+
+    @property
+    def factors(self) -> list[KroneckerFactor]:
+        """The Kronecker blocks, in parameter order (a weight and its separate bias
+        share one ``B`` tensor)."""
+        return [KroneckerFactor(s.layer, tuple(self.param_names[i] for i in s.indices), A, B)
+                for s, A, B in zip(self._slots, self._A, self._B)]
+
+    # -- closed forms from the factors -------------------------------------------------
+    def _eigendecompositions(self) -> list[_Eigh]:
+        """Per block ``(λ_B, Q_B, λ_A, Q_A)`` (``λ_A, Q_A`` ``None`` for a bias alone),
+        computed once."""
+        if self._eig is None:
+            done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a layer's shared B
+
+            def eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                if id(M) not in done:
+                    values, vectors = torch.linalg.eigh(M)
+                    done[id(M)] = (values, vectors)
+                return done[id(M)]
+
+            self._eig = [(*eigh(B), *(eigh(A) if A is not None else (None, None)))
+                         for A, B in zip(self._A, self._B)]
+        return self._eig
+
+    def _block_eigenvalues(self) -> list[torch.Tensor]:
+        """Per block, the ``(d_out, c)`` eigenvalues in the eigenbasis ``Q_B ⊗ Q_A``."""
+        return [torch.outer(lb, la) if la is not None else lb[:, None]
+                for lb, _, la, _ in self._eigendecompositions()]
+
+    def eigenvalues(self) -> torch.Tensor:
+        """All ``n`` eigenvalues, ascending, float64 on the CPU (``torch.linalg.eigvalsh``'s
+        order), from the factors' eigendecompositions: ``λ_B,i λ_A,j`` per block for KFAC,
+        the corrected ones for EKFAC. Cost: one ``eigh`` per factor (cached)."""
+        values = torch.cat([e.reshape(-1) for e in self._block_eigenvalues()])
+        return values.double().cpu().sort().values
+
+    def eigenpairs(self, k: int, which: Literal["LA", "SA"] = "LA") -> KroneckerEigenpairs:
+        """The ``k`` largest (``"LA"``) or smallest (``"SA"``) eigenpairs, exact from the
+        factors: the eigenvector of ``λ_B,i λ_A,j`` is ``q_B,i ⊗ q_A,j`` in its block,
+        zero elsewhere. Ties are broken arbitrarily. Memory: the ``(n, k)`` vectors."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n:
+            raise ValueError(f"k must be an int with 1 <= k <= n={self.n}, got {k!r}")
+        check_choice(which, ("LA", "SA"), "which")
+        blocks = self._block_eigenvalues()
+        flat = torch.cat([e.reshape(-1) for e in blocks]).double().cpu()
+        order = flat.argsort(descending=which == "LA")[:k].flip(0) if which == "LA" else (
+            flat.argsort()[:k])
+        sizes = [e.numel() for e in blocks]
+        starts = torch.tensor([0, *sizes]).cumsum(0)
+        eig = self._eigendecompositions()
+        parts = [torch.zeros(k, *p.shape, dtype=self.factor_dtype, device=self.device)
+                 for p in self.params]
+        for col, pos in enumerate(order.tolist()):
+            j = int(torch.searchsorted(starts, pos, right=True)) - 1
+            r, c = divmod(pos - int(starts[j]), blocks[j].shape[1])
+            _, qb, _, qa = eig[j]
+            vec = torch.outer(qb[:, r], qa[:, c] if qa is not None else qb.new_ones(1))
+            slot = self._slots[j]
+            for idx, piece in zip(slot.indices, vec.split(list(slot.widths), dim=1)):
+                parts[idx][col] = piece.reshape(self.params[idx].shape)
+        vectors = self._join_block(parts).to(self.dtype)
+        return KroneckerEigenpairs(flat[order], vectors)
+
+    def trace(self) -> float:
+        """``tr = sum over blocks of tr(A) tr(B)`` (``tr(A) = 1`` for a bias alone)."""
+        return float(sum(float(B.trace()) * (float(A.trace()) if A is not None else 1.0)
+                         for A, B in zip(self._A, self._B)))
+
+    def logdet(self, damping: float = 0.0) -> float:
+        """``log det(K + damping I)``, exact from the eigenvalues (Laplace's marginal
+        likelihood: ``damping`` the prior precision over the data's scale).
+
+        Raises:
+            ValueError: ``K + damping I`` is not positive definite (the log-determinant
+                of a singular or indefinite matrix is not a real number).
+        """
+        values = self.eigenvalues() + check_damping(damping)
+        if not bool((values > 0).all()):
+            raise ValueError(
+                f"{type(self).__name__} + {damping:g} I is not positive definite (smallest "
+                f"eigenvalue {float(values.min()):.3g}): its log-determinant is undefined; "
+                "add damping"
+            )
+        return float(values.log().sum())
+
+    def det(self, damping: float = 0.0) -> float:
+        """``det(K + damping I)``, the product of the eigenvalues (``inf`` or ``0`` once it
+        leaves float64's range: prefer :meth:`logdet`)."""
+        return float((self.eigenvalues() + check_damping(damping)).prod())
+
+    def inverse(self, damping: float | tuple[float, float] = 0.0, *,
+                mode: DampingMode = "factors", min_damping: float = 1e-8,
+                ) -> KFACInverseOperator:
+        """The exact inverse of damped KFAC, as an operator (curvlinops'
+        ``KFACInverseLinearOperator`` conventions):
+
+        - ``mode="factors"`` (default): ``(B + δ_B I)⁻¹ ⊗ (A + δ_A I)⁻¹`` per block, with
+          ``(δ_A, δ_B) = damping`` (a float damps both); a bias alone gets
+          ``(B + δ_B I)⁻¹``. This is *not* ``(K + δ I)⁻¹``: damping the factors adds
+          ``δ_B A ⊗ I + δ_A I ⊗ B + δ_A δ_B I``.
+        - ``mode="heuristic"``: the factors damped by Martens & Grosse's (2015, §6.3)
+          ``π = sqrt((tr A / dim A) / (tr B / dim B))``: ``δ_A = max(π sqrt(δ),
+          min_damping)``, ``δ_B = max(sqrt(δ) / π, min_damping)``; a bias alone gets
+          ``δ``.
+        - ``mode="exact"``: ``(K + δ I)⁻¹`` itself, through the factors'
+          eigendecompositions: ``Q ((λ_B λ_Aᵀ + δ)⁻¹) Qᵀ``.
+
+        Cost: one ``eigh`` per factor (cached with the operator); each product is two
+        matmuls per block (``"factors"``, ``"heuristic"``) or four (``"exact"``).
+
+        Raises:
+            ValueError: a damped factor (or ``K + δ I``) is singular to working
+                precision: its inverse does not exist; add damping.
+        """
+        check_choice(mode, DAMPING_MODES, "damping mode")
+        if isinstance(damping, tuple):
+            if mode != "factors" or len(damping) != 2:
+                raise ValueError(
+                    "damping as a pair (δ_A, δ_B) is for mode='factors'; the heuristic and "
+                    f"exact modes take one number, got {damping!r}"
+                )
+            damp_a, damp_b = (check_damping(d) for d in damping)
+        else:
+            damp_a = damp_b = check_damping(damping)
+            if mode == "heuristic" and damp_a < 0:
+                raise ValueError(f"the heuristic damping takes sqrt(damping): damping must "
+                                 f"be >= 0, got {damping!r}")
+        eig = self._eigendecompositions()
+        if mode == "exact":
+            scale = [_inverted(e, damp_a, f"K + {damp_a:g} I in block {self._name(j)}")
+                     for j, e in enumerate(self._block_eigenvalues())]
+            blocks = _Blocks([e[1] for e in eig], [e[3] for e in eig], scale)
+            return KFACInverseOperator(self, blocks, f"(K + {damp_a:g} I)^-1")
+        # a layer's damping pair, also for its bias when that is a block of its own
+        # (curvlinops damps the layer's one B for both)
+        pairs: dict[str, tuple[float, float]] = {}
+        for slot, (lb, _, la, _) in zip(self._slots, eig):
+            pairs.setdefault(slot.layer, (damp_a, damp_b))
+            if mode == "heuristic" and la is not None:
+                mean_a, mean_b = float(la.sum()) / la.numel(), float(lb.sum()) / lb.numel()
+                if mean_a >= 0 and mean_b > 0:
+                    pi = math.sqrt(mean_a / mean_b)
+                    pairs[slot.layer] = (max(pi * math.sqrt(damp_a), min_damping),
+                                         max(math.sqrt(damp_a) / pi, min_damping))
+        left: list[torch.Tensor] = []
+        right: list[torch.Tensor | None] = []
+        for j, (lb, qb, la, qa) in enumerate(eig):
+            da, db = pairs[self._slots[j].layer]
+            name = self._name(j)
+            left.append((qb * _inverted(lb, db, f"B + {db:g} I of block {name}")) @ qb.T)
+            if la is None or qa is None:
+                right.append(None)
+            else:
+                right.append((qa * _inverted(la, da, f"A + {da:g} I of block {name}")) @ qa.T)
+        what = "heuristically damped" if mode == "heuristic" else f"damping {damping}"
+        return KFACInverseOperator(self, _Blocks(left, right), f"KFAC^-1 ({what})")
+
+    def _name(self, j: int) -> str:
+        return "/".join(self.param_names[i] for i in self._slots[j].indices)
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} n={self.n} fisher_type={self.fisher_type!r} "
+                f"kfac_approx={self.kfac_approx!r} blocks={len(self._slots)} "
+                f"dtype={self.dtype} device={self.device}>")
+
+
+class EKFACOperator(KFACOperator):
+    """EKFAC (George et al. 2018): KFAC's eigenbasis with corrected eigenvalues.
+
+    Per block, with ``Q_B ⊗ Q_A`` the eigenvectors of KFAC's factors, the eigenvalues are
+    ``E_ij = sum_n (Q_Bᵀ G_n Q_A)_ij²`` (times ``1/mc_samples``), ``G_n`` the gradient of
+    example ``n`` with respect to the block's weight (``d_out x c``; its shared positions
+    summed) for the same backpropagated vectors as KFAC's ``B``. The operator is
+    ``Q diag(E) Qᵀ`` per block. Arguments as for :class:`KFACOperator`; construction
+    walks the data a second time (and, distributed, all-reduces ``E`` once more).
+    Per batch, the rotated per-example gradients take ``N_b d_out c`` memory per layer.
+
+    ``factors`` are still KFAC's; :meth:`eigenvalues`, :meth:`trace`, :meth:`logdet`
+    use ``E``; :meth:`inverse` is exact: ``Q ((E + δ)⁻¹) Qᵀ``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._corrected = self._compute_corrections()
+
+    def _compute_corrections(self) -> list[torch.Tensor]:
+        eig = self._eigendecompositions()
+        slots_of: dict[str, list[int]] = {}
+        for j, s in enumerate(self._slots):
+            slots_of.setdefault(s.layer, []).append(j)
+        E = [torch.zeros(s_eig[0].shape[0], sum(s.widths), dtype=self.factor_dtype,
+                         device=self.device) for s, s_eig in zip(self._slots, eig)]
+
+        def on_grads(layer: _Layer, x, g: torch.Tensor, weight: float) -> None:
+            for j in slots_of[layer.name]:
+                _, qb, _, qa = eig[j]
+                gq = g @ qb  # (N, S, d_out)
+                if qa is None:
+                    E[j] += (gq.sum(dim=1) ** 2).sum(dim=0)[:, None] * weight
+                else:  # x has the 1 appended exactly when the block is joint
+                    E[j] += _squared_per_example_gradients(gq, x @ qa) * weight
+
+        def local():
+            losses, _ = self._walk(lambda layer, x: None, on_grads, keep_inputs=True)
+            return losses, E
+
+        return self._summed_over_ranks(local, "the construction of EKFAC's eigenvalues")
+
+    def _blocks(self) -> _Blocks:
+        eig = self._eigendecompositions()
+        return _Blocks([e[1] for e in eig], [e[3] for e in eig], self._corrected)
+
+    def _block_eigenvalues(self) -> list[torch.Tensor]:
+        return self._corrected
+
+    def trace(self) -> float:
+        """``tr = sum E``, the corrected eigenvalues' sum."""
+        return float(sum(float(e.sum()) for e in self._corrected))
+
+    def inverse(self, damping: float | tuple[float, float] = 0.0, *,
+                mode: DampingMode = "exact", min_damping: float = 1e-8,
+                ) -> KFACInverseOperator:
+        """``(EKFAC + δ I)⁻¹ = Q ((E + δ)⁻¹) Qᵀ`` per block, exact (EKFAC's eigenvalues
+        are not a Kronecker product, so there are no factors to damp: only
+        ``mode="exact"``; ``min_damping`` is only part of KFAC's signature).
+
+        Raises:
+            ValueError: ``E + δ`` has a zero (or negative) entry; add damping.
+        """
+        if mode != "exact" or isinstance(damping, tuple):
+            raise ValueError(
+                "EKFAC's inverse is exact only (mode='exact' with one damping value): its "
+                "eigenvalues are not a Kronecker product of two factors' eigenvalues"
+            )
+        delta = check_damping(damping)
+        eig = self._eigendecompositions()
+        scale = [_inverted(e, delta, f"EKFAC + {delta:g} I in block {self._name(j)}")
+                 for j, e in enumerate(self._corrected)]
+        return KFACInverseOperator(self, _Blocks([e[1] for e in eig], [e[3] for e in eig],
+                                                 scale), f"(EKFAC + {delta:g} I)^-1")
+
+
+class KFACInverseOperator(ParameterOperator):
+    """The inverse of a damped :class:`KFACOperator` / :class:`EKFACOperator`, from
+    :meth:`KFACOperator.inverse`; block-diagonal like its operator, exact (no iterative
+    solve), symmetric, positive definite. Usable wherever an operator is, e.g. as the
+    ``preconditioner`` of :func:`torchcurv.solve`.
+
+    Attributes:
+        operator: the (E)KFAC operator it inverts.
+        description: which damped matrix it inverts.
+    """
+
+    def __init__(self, operator: KFACOperator, blocks: _Blocks, description: str) -> None:
+        super().__init__(operator.params)
+        self.operator = operator
+        self.description = description
+        self._blocks = blocks
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        op = self.operator
+        return _kronecker_matmat(self, op._slots, self._blocks, op.factor_dtype, V)
+
+    def __repr__(self) -> str:
+        return f"<KFACInverseOperator {self.description} n={self.n} dtype={self.dtype}>"
+
+
+# -- helpers -------------------------------------------------------------------------
+def _add(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    if key in store:
+        store[key] += value
+    else:
+        store[key] = value
+
+
+def _squared_per_example_gradients(gq: torch.Tensor, xq: torch.Tensor,
+                                   budget: int = 2**26) -> torch.Tensor:
+    """``sum_n (G_n)²`` with ``G_n = gq_nᵀ xq_n`` (``gq`` ``(N, S, d)``, ``xq``
+    ``(N, S, c)``), never holding more than about ``budget`` entries.
+
+    Two ways (curvlinops chooses alike): with little weight sharing, the Gramian form
+    ``sum_n sum_ss' (gq_ns ⊙ gq_ns') (xq_ns ⊙ xq_ns')ᵀ``, one matmul over ``N S²`` rows
+    (for ``S = 1`` simply ``(gq²)ᵀ (xq²)``); otherwise the per-example gradients
+    themselves, ``N d c`` entries, a chunk of examples at a time.
+    """
+    n, s, d = gq.shape
+    c = xq.shape[-1]
+    if s * s * (d + c) <= d * c:
+        P = (gq[:, :, None, :] * gq[:, None, :, :]).reshape(-1, d)
+        Q = (xq[:, :, None, :] * xq[:, None, :, :]).reshape(-1, c)
+        return P.T @ Q
+    out = gq.new_zeros(d, c)
+    step = max(1, budget // (d * c))
+    for start in range(0, n, step):
+        per_example = torch.einsum("nsd,nsc->ndc", gq[start:start + step], xq[start:start + step])
+        out += (per_example ** 2).sum(dim=0)
+    return out
+
+
+def _num_examples(batch: Batch, output: torch.Tensor) -> float:
+    """``N_b``: the rows of ``X`` for ``(X, y)`` batches (curvlinops' ``num_data``),
+    else the leading dimension of the model output."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0],
+                                                                             torch.Tensor):
+        return float(batch[0].shape[0])
+    if output.ndim == 0:
+        raise ValueError("the model output has no batch dimension: KFAC needs one")
+    return float(output.shape[0])
+
+
+def _check_conv(name: str, module: nn.Conv2d) -> None:
+    if module.padding_mode != "zeros":
+        raise TypeError(
+            f"layer '{name}' pads with padding_mode={module.padding_mode!r}; KFAC's patches "
+            "are defined for zero padding only"
+        )
+    if isinstance(module.padding, str) and module.padding == "same":
+        for k, d in zip(module.kernel_size, module.dilation):
+            if (d * (k - 1)) % 2:
+                raise TypeError(
+                    f"layer '{name}' has padding='same' with unequal padding on the two "
+                    "sides (even kernel); KFAC's patches need symmetric padding"
+                )
+
+
+def _patches(x: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
+    """``(N, L, c_in/groups * k1 * k2)``: the patches of each output location, with the
+    channel groups averaged (curvlinops' convention for grouped convolutions)."""
+    if module.groups > 1:
+        n, c, h, w = x.shape
+        x = x.reshape(n, module.groups, c // module.groups, h, w).mean(dim=1)
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = (0, 0) if padding == "valid" else tuple(
+            d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
+    cols = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation,
+                                padding=padding, stride=module.stride)
+    return cols.transpose(1, 2)
+
+
+def _inverted(values: torch.Tensor, damping: float, what: str) -> torch.Tensor:
+    """``1 / (values + damping)``, refusing a damped matrix singular to working precision."""
+    damped = values + damping
+    eps = torch.finfo(values.dtype).eps
+    # eigh's eigenvalues are accurate to about eps * ||A|| each: a damped value within a
+    # few of those of zero carries no information (a rank-deficient factor plus damping
+    # is fine)
+    floor = 16 * eps * max(float(values.abs().max()), damping)
+    smallest = float(damped.min())
+    if not smallest > floor:
+        raise ValueError(
+            f"{what} is singular to working precision (smallest eigenvalue {smallest:.3g}"
+            f" vs {floor:.3g}): its inverse does not exist; add damping"
+        )
+    return 1 / damped
