@@ -106,7 +106,7 @@ def run_front_door(H, args, backend):
                         seed=args.seed)
     emit(what="eigsh", lib=f"front_door[{backend}]", s=r.wall_time, matvecs=r.num_matvecs,
          converged=int(r.converged.sum()), top=top(r.eigenvalues),
-         max_rel_residual=float((r.residuals / r.eigenvalues.abs()).max()), info=r.info)
+         max_rel_residual=float((r.residuals / r.eigenvalues.abs()).max()), info=r.info.as_dict())
 
 
 def run_curvlinops(model, loss, data, args):

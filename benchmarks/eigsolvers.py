@@ -24,16 +24,14 @@ from common import emit, machine, mlp_problem, sync, write_to
 import torchcurv
 from torchcurv.algorithms.block import block_eigsh
 from torchcurv.algorithms.lanczos import lanczos_eigsh
+from torchcurv.algorithms.result import residual_norms
 
 
 def relative_residuals(H, values, vectors) -> list[float]:
     """``||H v - l v|| / |l|`` per pair, with torchcurv's operator (uncounted)."""
-    before = (H.num_matvecs, H.num_calls)
-    V = vectors.to(H.device, H.dtype)
-    lam = torch.as_tensor(values, dtype=H.dtype, device=H.device)
-    R = (H.matmat(V) - V * lam).double().norm(dim=0).cpu()
-    H.num_matvecs, H.num_calls = before
-    return (R / lam.double().abs().cpu()).tolist()
+    lam = torch.as_tensor(values, dtype=torch.float64)
+    R = residual_norms(H, lam, torch.as_tensor(vectors).to(H.device))
+    return (R / lam.abs()).tolist()
 
 
 def ours(H, solver, method, k, tol, reference, **options):
@@ -46,9 +44,9 @@ def ours(H, solver, method, k, tol, reference, **options):
     emit(problem="mlp", lib="torchcurv", method=method, s=seconds, matvecs=r.num_matvecs,
          calls=H.num_calls, eigenvalues=r.eigenvalues.tolist(),
          max_rel_residual=float((r.residuals / r.eigenvalues.abs()).max()),
-         converged=int(r.converged.sum()), restarts=r.info["restarts"],
-         stop_reason=r.info["stop_reason"], ncv=r.info["ncv"],
-         block_size=r.info["block_size"],
+         converged=int(r.converged.sum()), restarts=r.info.restarts,
+         stop_reason=r.info.stop_reason, ncv=r.info.ncv,
+         block_size=r.info.block_size,
          max_rel_diff_vs_arpack=None if reference is None else float(np.max(np.abs(
              r.eigenvalues.numpy() - reference) / np.abs(reference))))
 

@@ -129,7 +129,7 @@ def bench(device, tiny, reps, attn, microbatch_size, eigsh_jvp, k):
         emit(**ctx, lib="torchcurv", method=f"eigsh/lanczos/ggn/{eigsh_jvp}",
              what=f"top{k}", s=wall, num_matvecs=res.num_matvecs,
              s_per_matvec=wall / max(res.num_matvecs, 1),
-             eigenvalues=res.eigenvalues.flip(0).tolist(), info=res.info)
+             eigenvalues=res.eigenvalues.flip(0).tolist(), info=res.info.as_dict())
 
     if k > 0:
         guarded(where, "torchcurv", top_eigenvalues)

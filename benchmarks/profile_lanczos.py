@@ -44,7 +44,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         emit(what="profile", backend=backend, s=wall, matvec_s=H.seconds,
              outside_s=wall - H.seconds, matvecs=r.num_matvecs,
-             converged=int(r.converged.sum()), restarts=r.info.get("restarts"))
+             converged=int(r.converged.sum()), restarts=r.info.restarts)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 from hf_zoo import DT, gpt2, lm_batches, rel
 
 import torchcurv
+from torchcurv.operators.attention import differentiable_attention
 
 PARAMS = ["transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_proj.bias"]
 
@@ -45,12 +46,12 @@ def test_sdpa_hessian_products_equal_eager_attention(method):
 
 def test_context_selects_math_and_restores_the_callers_backends():
     before = _enabled_backends()
-    with torchcurv.differentiable_attention():
+    with differentiable_attention():
         assert _enabled_backends() == (False, False, True, False)
     assert _enabled_backends() == before
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         users = _enabled_backends()
-        with pytest.raises(KeyError), torchcurv.differentiable_attention():
+        with pytest.raises(KeyError), differentiable_attention():
             raise KeyError("interrupted product")
         assert _enabled_backends() == users == (True, True, False, False)
 

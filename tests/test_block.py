@@ -49,18 +49,18 @@ def test_repeated_eigenvalues_are_found_with_their_multiplicity(which, expected)
 def test_each_block_step_is_one_matmat_call():
     op = torchcurv.MatrixOperator(rotated(indefinite_spectrum(200)))
     r = block_eigsh(op, k=4, tol=1e-8, block_size=4)
-    assert r.info["block_size"] == 4
+    assert r.info.block_size == 4
     assert r.num_matvecs == 4 * op.num_calls  # the residual check is not counted
 
 
 def test_default_block_size_and_ncv():
     op = torchcurv.MatrixOperator(rotated(indefinite_spectrum(300)))
     r = block_eigsh(op, k=5, tol=1e-8)
-    assert r.info["block_size"] == 5
-    assert r.info["ncv"] == 2 * 5 + 4 * 5
+    assert r.info.block_size == 5
+    assert r.info.ncv == 2 * 5 + 4 * 5
     small = block_eigsh(torchcurv.MatrixOperator(torch.diag(torch.arange(9.0, dtype=DT))),
                         k=5, tol=1e-10)
-    assert small.info["block_size"] == 2  # shrunk so that k + 2p <= n
+    assert small.info.block_size == 2  # shrunk so that k + 2p <= n
     assert torch.allclose(small.eigenvalues, torch.arange(4.0, 9.0, dtype=DT))
 
 

@@ -132,7 +132,7 @@ def test_scipy_eigsh_finds_the_known_eigenvalues(adapter, matrix, which):
 
 def test_scipy_shift_invert_runs_through_scipys_inner_gmres():
     # scipy inverts a LinearOperator with GMRES, the adapter supplying the products: it
-    # works, at many products per eigenvalue (why torchcurv.eigsh refuses sigma=).
+    # works, at many products per eigenvalue (torchcurv.eigsh(sigma=) solves with MINRES).
     adapter = as_linear_operator(MatrixOperator(torch.diag(torch.arange(1.0, 13.0,
                                                                         dtype=torch.float64))))
     vals = sla.eigsh(adapter, k=2, sigma=4.4, tol=1e-8, return_eigenvectors=False)

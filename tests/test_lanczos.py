@@ -43,7 +43,7 @@ def test_eigenvalues_match_eigvalsh_for_every_which(which):
     ev = indefinite_spectrum(200)
     A = rotated(ev)
     r = lanczos_eigsh(torchcurv.MatrixOperator(A), k=7, which=which, tol=1e-9, seed=0)
-    assert r.all_converged and r.info["stop_reason"] == "converged"
+    assert r.all_converged and r.info.stop_reason == "converged"
     assert torch.allclose(r.eigenvalues, wanted(ev, 7, which), rtol=1e-9, atol=0)
     assert bool((r.eigenvalues[1:] >= r.eigenvalues[:-1]).all()), "ascending like scipy"
     assert_true_eigenpairs(A, r, 1e-9)
@@ -58,7 +58,7 @@ def test_large_diagonal_operator_needs_few_products():
     r = lanczos_eigsh(op, k=5, tol=1e-8)
     assert torch.allclose(r.eigenvalues, ev[-5:], rtol=1e-10)
     assert r.num_matvecs < 200
-    assert r.info["ncv"] == 20 and r.info["basis_bytes"] == 20 * n * 8
+    assert r.info.ncv == 20 and r.info.basis_bytes == 20 * n * 8
 
 
 def test_tiny_gaps_in_a_cluster_are_resolved_without_ghosts():
@@ -145,8 +145,8 @@ def test_float32_basis_for_float64_operator_reaches_float32_accuracy():
     A = rotated(ev)
     r = lanczos_eigsh(torchcurv.MatrixOperator(A), k=5, tol=1e-5, seed=0,
                       basis_dtype=torch.float32)
-    assert r.info["basis_dtype"] == torch.float32
-    assert r.info["basis_bytes"] == r.info["ncv"] * 300 * 4
+    assert r.info.basis_dtype == torch.float32
+    assert r.info.basis_bytes == r.info.ncv * 300 * 4
     assert r.eigenvectors.dtype == DT
     assert r.all_converged
     assert torch.allclose(r.eigenvalues, wanted(ev, 5, "LA"), rtol=1e-6, atol=0)
@@ -174,7 +174,7 @@ def test_host_basis_for_gpu_operator():
     ev = indefinite_spectrum(500)
     op = torchcurv.MatrixOperator(rotated(ev).cuda())
     r = lanczos_eigsh(op, k=5, tol=1e-9, seed=0, basis_device="cpu")
-    assert r.info["basis_device"] == torch.device("cpu")
+    assert r.info.basis_device == torch.device("cpu")
     assert r.eigenvectors.device.type == "cuda"
     assert torch.allclose(r.eigenvalues, wanted(ev, 5, "LA"), rtol=1e-9, atol=0)
     on_gpu = lanczos_eigsh(op, k=5, tol=1e-9, seed=0)
@@ -184,7 +184,7 @@ def test_host_basis_for_gpu_operator():
 def test_maxiter_stops_and_reports_unconverged_pairs():
     ev = torch.linspace(1, 1.001, 500, dtype=DT)  # no gaps to speak of
     r = lanczos_eigsh(torchcurv.MatrixOperator(torch.diag(ev)), k=5, tol=1e-12, maxiter=1)
-    assert r.info["stop_reason"] == "maxiter" and r.info["restarts"] == 1
+    assert r.info.stop_reason == "maxiter" and r.info.restarts == 1
     assert not r.all_converged
     assert r.eigenvectors.shape == (500, 5)
 
@@ -193,7 +193,7 @@ def test_callback_sees_every_restart_cycle():
     seen = []
     op = torchcurv.MatrixOperator(rotated(indefinite_spectrum(200)))
     r = lanczos_eigsh(op, k=5, tol=1e-10, callback=seen.append)
-    assert [d["restart"] for d in seen] == list(range(r.info["restarts"] + 1))
+    assert [d["restart"] for d in seen] == list(range(r.info.restarts + 1))
     assert seen[-1]["num_converged"] == 5
     assert seen[-1]["num_matvecs"] == r.num_matvecs
     assert seen[0]["ritz_values"].shape == (5,)

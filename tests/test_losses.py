@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from torchcurv.errors import OperatorInputError
+from torchcurv.kernels import ce_hessian_matmat
 from torchcurv.losses import (
     AutogradHessian,
     CrossEntropyHessian,
     DiagonalHessian,
-    ce_hessian_matmat,
     loss_hessian,
 )
 

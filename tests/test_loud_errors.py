@@ -199,7 +199,7 @@ def test_a_backend_s_own_maxiter_is_accepted_and_reaches_only_that_backend():
     table = torchcurv.compare_backends(op, k=2, backends=["arpack", "lobpcg"], tol=1e-10,
                                        options={"lobpcg": {"maxiter": 3}})
     alone = torchcurv.eigsh(op, k=2, backend="lobpcg", tol=1e-10, maxiter=3, seed=0)
-    assert table["lobpcg"].result.info["iterations"] == alone.info["iterations"]
+    assert table["lobpcg"].result.info.iterations == alone.info.iterations
     assert not table["lobpcg"].result.converged.all()  # stopped early, as asked
     assert table["arpack"].result.converged.all()  # the shared maxiter (None) stays
 

@@ -33,7 +33,7 @@ def test_opposite_eigenvalues_of_equal_magnitude_are_reported_unconverged():
     ev[0], ev[-1] = -5.0, 5.0  # the iterate oscillates between the two eigenvectors
     r = power_eigsh(torchcurv.MatrixOperator(rotated(ev)), k=1, tol=1e-8, maxiter=50)
     assert not r.all_converged
-    assert r.info["iterations"] == [50]
+    assert r.info.iterations_per_pair == (50,)
 
 
 def test_same_seed_same_result():
@@ -41,7 +41,7 @@ def test_same_seed_same_result():
     a = power_eigsh(op, k=2, tol=1e-8, seed=3)
     b = power_eigsh(op, k=2, tol=1e-8, seed=3)
     assert torch.equal(a.eigenvectors, b.eigenvectors)
-    assert a.num_matvecs == b.num_matvecs == sum(a.info["iterations"])
+    assert a.num_matvecs == b.num_matvecs == sum(a.info.iterations_per_pair)
 
 
 def test_other_which_is_refused_with_a_pointer_to_lanczos():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -19,19 +19,55 @@ def check_reiterable(data: Iterable[Batch]) -> None:
         )
 
 
+def map_batch(
+    fn: Callable[[torch.Tensor], Any],
+    batch: Batch,
+    *,
+    leaf: Callable[[Any], Any] | None = None,
+    rebuild: bool = True,
+) -> Any:
+    """The one walk over a nested batch: ``fn`` on every tensor, ``leaf`` on every other
+    leaf (kept as it is when ``None``).
+
+    Containers are tuples (namedtuples too), lists and every ``Mapping`` (dicts, HF
+    ``BatchEncoding``); anything else is a leaf. With ``rebuild`` the containers keep
+    their type (a mapping is rebuilt from a plain dict, which dict subclasses and
+    ``BatchEncoding`` take), so device placement, microbatch slicing and the checks of
+    :class:`~torchcurv.operators.curvature.CurvatureOperator` agree on what a batch
+    holds. Without ``rebuild`` every container becomes a plain tuple (a mapping's items
+    sorted by key): a summary that compares equal between two passes over the data.
+    """
+
+    def walk(b: Any) -> Any:
+        if isinstance(b, torch.Tensor):
+            return fn(b)
+        if isinstance(b, (tuple, list)):
+            items = [walk(x) for x in b]
+            if not rebuild:
+                return tuple(items)
+            if isinstance(b, tuple) and hasattr(b, "_fields"):  # namedtuple
+                return type(b)(*items)
+            return type(b)(items)
+        if isinstance(b, Mapping):
+            if not rebuild:
+                return tuple((k, walk(v)) for k, v in sorted(b.items(), key=lambda kv: kv[0]))
+            rebuilt: Callable[[dict], Any] = type(b)  # Mapping itself has no constructor
+            return rebuilt({k: walk(v) for k, v in b.items()})
+        return b if leaf is None else leaf(b)
+
+    return walk(batch)
+
+
+def batch_tensors(batch: Batch) -> list[torch.Tensor]:
+    """The tensors of a (nested) batch, in the order :func:`map_batch` visits them."""
+    found: list[torch.Tensor] = []
+    map_batch(found.append, batch, rebuild=False)
+    return found
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Move every tensor in a (nested tuple/list/dict) batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(to_device(b, device) for b in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return type(batch)((k, to_device(v, device)) for k, v in batch.items())
-    if hasattr(batch, "to") and hasattr(batch, "keys"):  # HF BatchEncoding
-        return batch.to(device)
-    return batch
+    """Move every tensor in a (nested tuple/list/mapping) batch to ``device``."""
+    return map_batch(lambda t: t.to(device, non_blocking=True), batch)
 
 
 def iterate(data: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
@@ -40,32 +76,24 @@ def iterate(data: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
         yield to_device(batch, device)
 
 
-def fingerprint(batch: Batch) -> tuple:
+def fingerprint(batch: Batch) -> Any:
     """A cheap summary of a batch's tensors, to tell whether two passes agree."""
-    if isinstance(batch, torch.Tensor):
-        t = batch.detach()
-        if t.is_floating_point() or t.is_complex():
-            t = t.double()
-        else:
-            t = t.long()
-        flat = t.reshape(-1)
-        ramp = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
-        # repr: a NaN in the data must compare equal to itself on the second pass.
-        return (tuple(batch.shape), str(batch.dtype), repr(float(flat.sum())),
-                repr(float((flat.double() * ramp).sum())))
-    if isinstance(batch, (tuple, list)):
-        return tuple(fingerprint(b) for b in batch)
-    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "items")):
-        return tuple((k, fingerprint(v)) for k, v in sorted(batch.items()))
-    return (repr(batch),)
+    return map_batch(_tensor_fingerprint, batch, leaf=lambda x: (repr(x),), rebuild=False)
 
 
-def shapes(batch: Batch) -> tuple:
+def _tensor_fingerprint(batch: torch.Tensor) -> tuple:
+    t = batch.detach()
+    if t.is_floating_point() or t.is_complex():
+        t = t.double()
+    else:
+        t = t.long()
+    flat = t.reshape(-1)
+    ramp = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+    # repr: a NaN in the data must compare equal to itself on the second pass.
+    return (tuple(batch.shape), str(batch.dtype), repr(float(flat.sum())),
+            repr(float((flat.double() * ramp).sum())))
+
+
+def shapes(batch: Batch) -> Any:
     """The shapes of a batch's tensors, nested like the batch: known without a kernel."""
-    if isinstance(batch, torch.Tensor):
-        return tuple(batch.shape)
-    if isinstance(batch, (tuple, list)):
-        return tuple(shapes(b) for b in batch)
-    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "items")):
-        return tuple((k, shapes(v)) for k, v in sorted(batch.items()))
-    return ()
+    return map_batch(lambda t: tuple(t.shape), batch, leaf=lambda _: (), rebuild=False)

@@ -35,3 +35,16 @@ class DataChangedError(NondeterminismError):
 
 class RankFailedError(RuntimeError):
     """Another rank of a distributed operator raised; its own traceback says why."""
+
+
+class NotConvergedError(RuntimeError):
+    """An iterative solve inside an operator product (:class:`~torchcurv.InverseOperator`)
+    missed its tolerance; its result says by how much.
+
+    Attributes:
+        result: the :class:`~torchcurv.algorithms.solve.SolveResult` of the failed solve.
+    """
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result

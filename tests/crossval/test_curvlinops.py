@@ -27,6 +27,11 @@ def _check(kind, model_name, loss, reduction, subset, probes=4):
     if key in CURVLINOPS_WRONG:
         assert out.curvlinops_vs_oracle > 1e-3, "curvlinops now agrees with the oracle"
         return
+    if kind == "mc_fisher" and loss == "mse":
+        # Finding: curvlinops 3.0.1 scales its MSE label draws by a float32 sqrt(1/2), so
+        # its float64 MC Fisher is off by about eps32; torchcurv draws in the output's dtype.
+        assert 1e-9 < out.torchcurv_vs_curvlinops < 1e-6, "curvlinops' MSE draws changed"
+        return
     assert out.torchcurv_vs_curvlinops < 1e-10
     assert out.curvlinops_vs_oracle < 1e-10
 

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
-from torchcurv.algorithms.assemble import as_tensor
 from torchcurv.errors import MissingExtraError, OperatorInputError
 
-WHICH = ("LA", "SA", "LM", "BE")
+Which = Literal["LA", "SA", "LM", "SM", "BE"]
+"""scipy's names: largest/smallest algebraic, largest/smallest magnitude, both ends."""
+
+WHICH: tuple[Which, ...] = get_args(Which)
+"""Every ``which`` an eigensolver may be asked for; each backend serves a subset
+(:data:`torchcurv.algorithms.eigsh.BACKENDS`)."""
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """A torch view of a NumPy array, a DLPack array (CuPy) or a tensor."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_dlpack(x)
 
 
 def check_k(k: int, n: int) -> int:
@@ -21,22 +36,31 @@ def check_k(k: int, n: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k < n:
-        raise ValueError(f"k must satisfy 1 <= k < n = {n}, got k={k}")
+        raise ValueError(
+            f"k={k} eigenpairs of an n={n} operator: need 1 <= k < n (ARPACK and Lanczos "
+            "need k < n; for all n eigenpairs use torch.linalg.eigh(op.to_dense()))"
+        )
     return k
 
 
-def check_which(which: str, allowed: tuple[str, ...] = WHICH) -> str:
+def check_which(which: str, allowed: tuple[str, ...] = WHICH, who: str | None = None) -> Which:
+    """``which`` if it is one of ``allowed`` (a backend's subset of :data:`WHICH`)."""
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     if which not in allowed:
-        raise ValueError(f"which must be one of {allowed}, got {which!r}")
+        raise ValueError(f"{who or 'this solver'} finds which in {allowed}, not {which!r}")
     return which
 
 
 def check_tol(tol: float, dtype: torch.dtype) -> float:
-    """Relative tolerance; ``0`` means machine precision of ``dtype`` (scipy's convention)."""
-    tol = float(tol)
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    return tol if tol > 0 else float(torch.finfo(dtype).eps)
+    """The relative tolerance ``tol >= 0``; ``0`` means the machine precision of ``dtype``
+    (scipy's convention), the precision the solve works in."""
+    if (isinstance(tol, bool) or not isinstance(tol, numbers.Real)
+            or not math.isfinite(tol) or tol < 0):
+        raise ValueError(
+            f"tol must be a finite relative tolerance >= 0 (0: machine precision), got {tol!r}"
+        )
+    return float(tol) if tol > 0 else float(torch.finfo(dtype).eps)
 
 
 def check_maxiter(maxiter: int | None, default: int) -> int:
@@ -45,6 +69,13 @@ def check_maxiter(maxiter: int | None, default: int) -> int:
     if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1:
         raise ValueError(f"maxiter must be a positive int or None, got {maxiter!r}")
     return maxiter
+
+
+def check_seed(seed: int | None) -> int | None:
+    """``None`` or an int (a float or a bool seed is a mistake, not a seed)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be None or an int, got {seed!r}")
+    return seed
 
 
 def check_start(v0: Any, n: int, columns: int, name: str = "v0") -> torch.Tensor:

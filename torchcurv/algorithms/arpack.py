@@ -15,9 +15,10 @@ import numpy as np
 import scipy.sparse.linalg as sla
 import torch
 
-from torchcurv.algorithms.arguments import check_start
+from torchcurv.algorithms.arguments import check_start, check_tol
 from torchcurv.algorithms.assemble import Stopwatch, assemble_result
-from torchcurv.algorithms.result import EigshResult, start_block
+from torchcurv.algorithms.eigsh import check_backend_serves
+from torchcurv.algorithms.result import EigshInfo, EigshResult, start_block
 from torchcurv.interop.scipy import as_linear_operator
 from torchcurv.operators.base import LinearOperator
 
@@ -52,12 +53,14 @@ def arpack_eigsh(
     ARPACK did converge, the rest NaN with ``converged=False``, and a
     ``RuntimeWarning`` says how many.
     """
+    which = check_backend_serves("arpack", which)
+    tol = check_tol(tol, op.dtype)
     A = as_linear_operator(op, dtype)
     if v0 is None:
         v0 = start_block(op.n, 1, torch.float64, torch.device("cpu"), seed)[:, 0]
     v0 = check_start(v0, op.n, 1)[:, 0].cpu().numpy().astype(A.dtype)
     clock = Stopwatch(op.device)
-    info = {"ncv": ncv, "dtype": str(A.dtype)}
+    no_convergence = None
     try:
         out = sla.eigsh(A, k=k, which=which, v0=v0, ncv=ncv, maxiter=maxiter, tol=tol,
                         return_eigenvectors=return_eigenvectors)
@@ -65,7 +68,7 @@ def arpack_eigsh(
     except sla.ArpackNoConvergence as e:
         vals = e.eigenvalues
         vecs = e.eigenvectors if return_eigenvectors else None
-        info["arpack_no_convergence"] = str(e)
+        no_convergence = str(e)
         warnings.warn(
             f"ARPACK converged {len(vals)} of {k} eigenpairs within maxiter={maxiter}; the "
             "result marks the rest as NaN / not converged",
@@ -73,5 +76,6 @@ def arpack_eigsh(
             stacklevel=3,
         )
     wall = clock.elapsed()
+    info = EigshInfo(ncv=ncv, solver_dtype=str(A.dtype), arpack_no_convergence=no_convergence)
     return assemble_result(op, vals, vecs, k=k, backend="arpack", which=which, tol=tol,
                            num_matvecs=A.num_matvecs, wall_time=wall, info=info)

@@ -7,13 +7,14 @@ the operator's device in its dtype, checks residuals and pads missing pairs with
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
-from torchcurv.algorithms.result import EigshResult, converged_mask, residual_norms
+from torchcurv.algorithms.arguments import as_tensor, check_which
+from torchcurv.algorithms.result import EigshInfo, EigshResult, converged_mask, residual_norms
 from torchcurv.operators.base import LinearOperator
 
 
@@ -36,15 +37,6 @@ class Stopwatch:
         return time.perf_counter() - self._start
 
 
-def as_tensor(x: Any) -> torch.Tensor:
-    """A torch view of a NumPy array, a DLPack array (CuPy) or a tensor."""
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
-    return torch.from_dlpack(x)
-
-
 def assemble_result(
     op: LinearOperator,
     eigenvalues: Any,
@@ -56,7 +48,7 @@ def assemble_result(
     tol: float,
     num_matvecs: int,
     wall_time: float,
-    info: dict | None = None,
+    info: EigshInfo | None = None,
     residuals: torch.Tensor | None = None,
 ) -> EigshResult:
     """Build the result from ``k' <= k`` found pairs.
@@ -66,7 +58,8 @@ def assemble_result(
         eigenvalues: ``(k',)`` in any order.
         eigenvectors: ``(n, k')`` matching ``eigenvalues``, or ``None``.
         residuals: ``(k',)`` already computed by the backend for these pairs (saves
-            the check's products); computed here from the vectors when ``None``.
+            the check's products); computed here from the vectors when ``None``, and
+            the ``k'`` products added to ``info.check_matvecs``.
 
     The ``k - k'`` missing pairs become NaN eigenvalues (sorted last, as NumPy sorts NaN),
     NaN eigenvector columns and ``converged=False``. Without vectors or residuals, each
@@ -80,6 +73,7 @@ def assemble_result(
     vals = vals[order]
     missing = k - found
     nan = torch.full((missing,), float("nan"), dtype=torch.float64)
+    info = EigshInfo() if info is None else info
     if residuals is not None:
         residuals = residuals.to("cpu", torch.float64).reshape(-1)[order]
     if eigenvectors is None:
@@ -88,6 +82,7 @@ def assemble_result(
         V = as_tensor(eigenvectors).detach().to(op.device, op.dtype)[:, order.to(op.device)]
         if residuals is None and found:
             residuals = residual_norms(op, vals, V)
+            info = dataclasses.replace(info, check_matvecs=(info.check_matvecs or 0) + found)
         pad = torch.full((op.n, missing), float("nan"), dtype=op.dtype, device=op.device)
         vecs = torch.cat([V, pad], dim=1)
     if residuals is None:
@@ -106,7 +101,7 @@ def assemble_result(
         num_matvecs=int(num_matvecs),
         wall_time=float(wall_time),
         backend=backend,
-        which=which,
+        which=check_which(which),
         tol=float(tol),
-        info=dict(info or {}),
+        info=info,
     )

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from torchcurv.algorithms.arguments import Which
 from torchcurv.algorithms.lanczos import thick_restart_lanczos
 from torchcurv.algorithms.result import EigshResult
 
@@ -39,7 +40,7 @@ def block_eigsh(
     op,
     *,
     k: int = 6,
-    which: str = "LA",
+    which: Which = "LA",
     tol: float = 1e-6,
     maxiter: int | None = None,
     seed: int | None = None,

@@ -21,9 +21,16 @@ import inspect
 import numpy as np
 import torch
 
-from torchcurv.algorithms.arguments import check_start
+from torchcurv.algorithms.arguments import check_start, check_tol
 from torchcurv.algorithms.assemble import Stopwatch, assemble_result
-from torchcurv.algorithms.result import EigshResult, converged_mask, residual_norms, start_block
+from torchcurv.algorithms.eigsh import check_backend_serves
+from torchcurv.algorithms.result import (
+    EigshInfo,
+    EigshResult,
+    converged_mask,
+    residual_norms,
+    start_block,
+)
 from torchcurv.interop.cupy import as_cupy_linear_operator, import_cupy
 from torchcurv.operators.base import LinearOperator
 
@@ -58,9 +65,9 @@ def cupy_eigsh(
             :func:`torchcurv.as_cupy_linear_operator`).
         max_rounds: runs at most (see the module notes).
     """
+    which = check_backend_serves("cupy", which)
+    tol = check_tol(tol, op.dtype)
     cupy, csla = import_cupy("the 'cupy' eigsh backend")
-    if which not in ("LA", "SA", "LM"):
-        raise ValueError(f"CuPy's eigsh finds which='LA', 'SA' or 'LM', not {which!r}")
     A = as_cupy_linear_operator(op, dtype)
     takes_v0 = "v0" in inspect.signature(csla.eigsh).parameters
     if v0 is None:
@@ -75,7 +82,7 @@ def cupy_eigsh(
     scale = float(cupy.linalg.norm(A.matvec(v0)))
     floor = 10 * float(np.finfo(A.dtype).eps) * scale
     abs_tol = max(tol * scale, floor)
-    start, rounds, check_time = v0, 0, 0.0
+    start, rounds, check_time, check_matvecs = v0, 0, 0.0, 0
     while True:
         kwargs = {"k": k, "which": which, "ncv": ncv, "tol": abs_tol,
                   "maxiter": max(budget - A.num_matvecs, 1)}
@@ -87,6 +94,7 @@ def cupy_eigsh(
         vals = torch.from_dlpack(w).to("cpu", torch.float64)
         vecs = torch.from_dlpack(x)
         res = residual_norms(op, vals, vecs)
+        check_matvecs += vals.numel()
         ok = converged_mask(vals, res, tol)
         check_time += check.elapsed()
         next_tol = max(tol * float(vals.abs().min()), floor)
@@ -97,7 +105,8 @@ def cupy_eigsh(
         start = x.sum(axis=1) + 1e-3 * v0
         start /= cupy.linalg.norm(start)
     wall = clock.elapsed() - check_time
-    info = {"rounds": rounds, "final_abs_tol": abs_tol, "dtype": str(A.dtype), "ncv": ncv}
+    info = EigshInfo(rounds=rounds, final_abs_tol=abs_tol, solver_dtype=str(A.dtype), ncv=ncv,
+                     check_matvecs=check_matvecs)
     return assemble_result(op, vals, vecs if return_eigenvectors else None, k=k,
                            backend="cupy", which=which, tol=tol, num_matvecs=A.num_matvecs,
                            wall_time=wall, info=info, residuals=res)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from torchcurv.algorithms.probing import (
     DISTRIBUTIONS,
     BudgetedProducts,
+    Distribution,
     ProbeSource,
     ProgressCallback,
     check_block_size,
@@ -21,13 +23,14 @@ from torchcurv.algorithms.probing import (
     check_choice,
     check_operator,
     leave_one_out_directions,
-    work_dtype,
 )
 from torchcurv.algorithms.trace import Apply
 from torchcurv.distributed.reduce import common_seed, reports_failures
+from torchcurv.dtypes import accumulation_dtype
 from torchcurv.operators.base import LinearOperator
 
-DIAGONAL_METHODS = ("hutchinson", "xdiag", "exact")
+DiagonalMethod = Literal["hutchinson", "xdiag", "exact"]
+DIAGONAL_METHODS: tuple[DiagonalMethod, ...] = get_args(DiagonalMethod)
 #: Smallest budget each stochastic method can run with.
 MIN_MATVECS = {"hutchinson": 1, "xdiag": 4}
 #: Identity columns per product for method="exact" when block_size is None.
@@ -52,8 +55,8 @@ class DiagonalEstimate:
     estimate: torch.Tensor
     std_error: torch.Tensor
     num_matvecs: int
-    method: str
-    distribution: str | None
+    method: DiagonalMethod
+    distribution: Distribution | None
 
 
 @reports_failures
@@ -61,10 +64,10 @@ def diagonal(
     op: LinearOperator,
     *,
     num_matvecs: int | None = None,
-    method: str = "hutchinson",
+    method: DiagonalMethod = "hutchinson",
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    distribution: str = "rademacher",
+    distribution: Distribution = "rademacher",
     block_size: int | None = None,
     progress: bool = False,
     callback: ProgressCallback | None = None,
@@ -127,7 +130,8 @@ def diagonal(
         )
     if generator is None:
         seed = common_seed(op, seed)
-    probes = ProbeSource(op.n, distribution, work_dtype(op.dtype), op.device, seed, generator)
+    probes = ProbeSource(op.n, distribution, accumulation_dtype(op.dtype), op.device, seed,
+                         generator)
     with BudgetedProducts(op, m, block_size, progress, callback, f"diagonal ({method})") as apply:
         if method == "hutchinson":
             estimate, std_error = _hutchinson(apply, probes, m, block_size)
@@ -168,7 +172,8 @@ def _hutchinson(
     deviations, so memory stays ``O(n * block)`` and no variance is formed by cancellation.
     """
     step = m if block_size is None else block_size
-    mean = M2 = None
+    mean: torch.Tensor | None = None
+    M2: torch.Tensor | None = None
     count = 0
     for start in range(0, m, step):
         W = probes.draw(min(step, m - start))
@@ -176,7 +181,7 @@ def _hutchinson(
         b = samples.shape[1]
         block_mean = samples.mean(dim=1)
         block_M2 = ((samples - block_mean[:, None]) ** 2).sum(dim=1)
-        if mean is None:
+        if mean is None or M2 is None:
             mean, M2 = block_mean, block_M2
         else:
             delta = block_mean - mean
@@ -184,6 +189,7 @@ def _hutchinson(
             mean = mean + delta * (b / total)
             M2 = M2 + block_M2 + delta**2 * (count * b / total)
         count += b
+    assert mean is not None and M2 is not None  # m >= 1 probes, so one block at least
     if count < 2:
         return mean, torch.full_like(mean, math.nan)
     return mean, (M2 / (count - 1)).sqrt() / math.sqrt(count)
@@ -207,7 +213,7 @@ def _exact(
     if num_matvecs is not None:
         check_budget(num_matvecs, n, "exact")
     step = EXACT_BLOCK_SIZE if block_size is None else block_size
-    dtype = work_dtype(op.dtype)
+    dtype = accumulation_dtype(op.dtype)
     out = torch.empty(n, dtype=dtype, device=op.device)
     with BudgetedProducts(op, n, None, progress, callback, "diagonal (exact)") as apply:
         for start in range(0, n, step):

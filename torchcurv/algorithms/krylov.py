@@ -13,7 +13,8 @@ Layout and memory: the basis is a ``(b, m, n)`` tensor (basis vectors are rows, 
 CuPy's ``(ncv, n)``) of ``basis_dtype`` on ``basis_device``; that is the peak memory,
 ``b * m * n * itemsize`` bytes, plus a few ``(b, p, n)`` work blocks on the operator's
 device. Arithmetic runs on the operator's device in ``compute_dtype`` = the wider of the
-operator's and the basis' dtypes (at least float32). When the basis lives elsewhere or in
+operator's and the basis' dtypes, at least float64 for float32 operators and float32
+for half-precision ones (:func:`_arithmetic_floor`). When the basis lives elsewhere or in
 another dtype, it is streamed to the operator's device in chunks of at most
 ``CHUNK_BYTES``, so a host-resident basis never needs device memory of its own size.
 ``T`` is float64 on the CPU (it is tiny).
@@ -31,6 +32,19 @@ import torch
 
 CHUNK_BYTES = 256 * 2**20
 """Largest piece of a streamed basis (host-resident or other-dtype) on the device at once."""
+
+
+def _arithmetic_floor(dtype: torch.dtype) -> torch.dtype:
+    """The narrowest dtype the recurrence computes in for an operator of ``dtype``.
+
+    Float32 operators get float64 arithmetic: Gram-Schmidt in float32 leaves the basis
+    orthogonal only to about ``sqrt(n) eps32``, and Ritz vectors formed from it then miss
+    ``tol = 1e-6`` on models of 1e5 parameters and more (block Lanczos stagnates there);
+    the extra cost is in the ``m x n`` basis arithmetic, small beside the products.
+    Half-precision operators compute in float32: their products' own rounding is far
+    above float32 arithmetic's, and their work blocks stay half the size.
+    """
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class KrylovBasis:
@@ -62,8 +76,12 @@ class KrylovBasis:
         basis_device = op.device if basis_device is None else torch.device(basis_device)
         self.device = op.device
         self.compute_dtype = torch.promote_types(
-            torch.promote_types(op.dtype, basis_dtype), torch.float32
+            torch.promote_types(op.dtype, basis_dtype), _arithmetic_floor(op.dtype)
         )
+        # The precision of the products and of the stored basis: what rounding leaves of a
+        # direction, and the best relative residual a solve can be asked for.
+        self.working_dtype = max(op.dtype, basis_dtype, key=lambda d: torch.finfo(d).eps)
+        self.working_eps = torch.finfo(self.working_dtype).eps
         self.basis = torch.zeros(b, m, self.n, dtype=basis_dtype, device=basis_device)
         self.T = torch.zeros(b, m, m, dtype=torch.float64)
         self.generator = generator
@@ -149,7 +167,7 @@ class KrylovBasis:
 
     def _breakdown_threshold(self) -> float:
         # Directions below this are rounding noise of the products that made them.
-        return 100 * torch.finfo(self.compute_dtype).eps * max(self.anorm, 1e-300)
+        return 100 * self.working_eps * max(self.anorm, 1e-300)
 
     def next_block(self, W: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Orthonormal next block ``Q`` and coupling ``R`` (``W[j] = sum_i R[i, j] Q[i]``)

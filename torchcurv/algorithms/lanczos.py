@@ -13,7 +13,7 @@ The algorithm, for block size ``p`` (``p = 1`` is :func:`lanczos_eigsh`; ``p > 1
 3. When the ``k`` wanted Ritz pairs all have estimated residual ``<= tol * |theta|``, the
    Ritz vectors are formed and their true residuals ``||A v - theta v||`` are checked
    with one ``matmat`` (:func:`~torchcurv.algorithms.result.residual_norms`, counted in
-   ``info["check_matvecs"]``, not in ``num_matvecs``); the solve stops only if the check
+   ``info.check_matvecs``, not in ``num_matvecs``); the solve stops only if the check
    agrees. Otherwise, or if the estimates have not converged:
 4. Thick restart: keep the ``l`` most wanted Ritz vectors (``k <= l``, about halfway to
    ``ncv``), put the normalized residual block after them (``T`` becomes a diagonal plus
@@ -43,18 +43,26 @@ from collections.abc import Callable
 import torch
 
 from torchcurv.algorithms.arguments import (
+    Which,
     check_callback,
     check_k,
     check_maxiter,
     check_start,
     check_tol,
-    check_which,
     progress_bar,
     synchronized_clock,
 )
+from torchcurv.algorithms.eigsh import check_backend_serves
 from torchcurv.algorithms.krylov import KrylovBasis
 from torchcurv.algorithms.probing import check_operator
-from torchcurv.algorithms.result import EigshResult, converged_mask, residual_norms, start_block
+from torchcurv.algorithms.result import (
+    EigshInfo,
+    EigshResult,
+    StopReason,
+    converged_mask,
+    residual_norms,
+    start_block,
+)
 
 STAGNATION_CHECKS = 3
 """Stop after this many consecutive failed residual checks (estimates converged, true
@@ -65,7 +73,7 @@ def lanczos_eigsh(
     op,
     *,
     k: int = 6,
-    which: str = "LA",
+    which: Which = "LA",
     tol: float = 1e-6,
     maxiter: int | None = None,
     seed: int | None = None,
@@ -103,8 +111,10 @@ def lanczos_eigsh(
 
     Returns:
         :class:`~torchcurv.algorithms.result.EigshResult` with ``backend="lanczos"``;
-        ``info`` holds ``restarts``, ``stop_reason`` (``"converged"``, ``"maxiter"`` or
-        ``"stagnated"``), ``ncv``, ``block_size``, ``basis_bytes``, ``check_matvecs``.
+        ``info`` (:class:`~torchcurv.algorithms.result.EigshInfo`) holds ``restarts``,
+        ``stop_reason`` (``"converged"``, ``"maxiter"`` or ``"stagnated"``), ``ncv``,
+        ``block_size``, the basis' shape, dtype, device and bytes, ``check_matvecs`` and
+        ``residual_estimates``.
     """
     return thick_restart_lanczos(
         op, k=k, which=which, tol=tol, maxiter=maxiter, seed=seed,
@@ -145,7 +155,7 @@ def thick_restart_lanczos(
     check_operator(op, backend)
     n = op.n
     k = check_k(k, n)
-    which = check_which(which)
+    which = check_backend_serves(backend, which)
     p = block_size
     m = default_ncv(n, k, p) if ncv is None else ncv
     if isinstance(m, bool) or not isinstance(m, int) or not k + p <= m <= n:
@@ -163,13 +173,14 @@ def thick_restart_lanczos(
     matvecs_before = op.num_matvecs
     kb = KrylovBasis(op, 1, m, basis_dtype=basis_dtype, basis_device=basis_device,
                      generator=generator)
-    tol = check_tol(tol, kb.compute_dtype)
+    tol = check_tol(tol, kb.working_dtype)
     Q0, _ = kb.next_block(start.T[None].to(op.device, kb.compute_dtype), 0)
     kb.set_rows(0, Q0)
 
     with progress_bar(progress, k, f"torchcurv {backend}") as bar:
         restarts, kept, failed_checks, check_matvecs = 0, 0, 0, 0
-        stop_reason, checked = "maxiter", None
+        stop_reason: StopReason = "maxiter"
+        checked = None
         while True:
             last, F = kb.extend(kept, m, p)
             size = last + p
@@ -231,13 +242,12 @@ def thick_restart_lanczos(
         backend=backend,
         which=which,
         tol=tol,
-        info={
-            "restarts": restarts, "stop_reason": stop_reason, "ncv": m, "block_size": p,
-            "basis_shape": (m, n), "basis_dtype": kb.basis.dtype,
-            "basis_device": kb.basis.device, "basis_bytes": kb.basis_bytes,
-            "check_matvecs": check_matvecs, "residual_estimates": estimates[wanted][
-                torch.argsort(theta[wanted])].clone(),
-        },
+        info=EigshInfo(
+            restarts=restarts, stop_reason=stop_reason, ncv=m, block_size=p,
+            basis_shape=(m, n), basis_dtype=kb.basis.dtype, basis_device=kb.basis.device,
+            basis_bytes=kb.basis_bytes, check_matvecs=check_matvecs,
+            residual_estimates=estimates[wanted][torch.argsort(theta[wanted])].clone(),
+        ),
     )
 
 

@@ -24,16 +24,26 @@ from collections.abc import Callable
 import torch
 
 from torchcurv.algorithms.arguments import (
+    Which,
     check_callback,
     check_k,
     check_maxiter,
     check_start,
     check_tol,
+    check_which,
     progress_bar,
     synchronized_clock,
 )
-from torchcurv.algorithms.probing import check_operator, work_dtype
-from torchcurv.algorithms.result import EigshResult, converged_mask, residual_norms, start_block
+from torchcurv.algorithms.eigsh import POWER_WHICH
+from torchcurv.algorithms.probing import check_operator
+from torchcurv.algorithms.result import (
+    EigshInfo,
+    EigshResult,
+    converged_mask,
+    residual_norms,
+    start_block,
+)
+from torchcurv.dtypes import accumulation_dtype
 
 DEFAULT_MAXITER = 1000
 """Default iterations per eigenpair."""
@@ -43,7 +53,7 @@ def power_eigsh(
     op,
     *,
     k: int = 1,
-    which: str = "LM",
+    which: Which = "LM",
     tol: float = 1e-6,
     maxiter: int | None = None,
     seed: int | None = None,
@@ -71,20 +81,20 @@ def power_eigsh(
 
     Returns:
         :class:`~torchcurv.algorithms.result.EigshResult` with ``backend="power"``,
-        ascending eigenvalues; ``info["iterations"]`` per pair (in the order found).
+        ascending eigenvalues; ``info.iterations_per_pair`` (in the order found).
     """
     check_operator(op, "power_eigsh")
     n = op.n
     k = check_k(k, n)
-    if which != "LM":
+    if check_which(which) not in POWER_WHICH:
         raise ValueError(
             f"power iteration finds largest-magnitude eigenvalues only (which='LM'), got "
             f"which={which!r}; use the 'lanczos' or 'block' backend for LA/SA/BE"
         )
     maxiter = check_maxiter(maxiter, DEFAULT_MAXITER)
     check_callback(callback)
-    dtype = work_dtype(op.dtype)
-    tol = check_tol(tol, dtype)
+    dtype = accumulation_dtype(op.dtype)
+    tol = check_tol(tol, op.dtype)
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     first = None if v0 is None else check_start(v0, n, 1)[:, 0]
 
@@ -133,7 +143,7 @@ def power_eigsh(
         backend="power",
         which=which,
         tol=tol,
-        info={"iterations": iterations, "check_matvecs": k},
+        info=EigshInfo(iterations_per_pair=tuple(iterations), check_matvecs=k),
     )
 
 

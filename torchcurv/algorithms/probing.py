@@ -8,13 +8,15 @@ product against the caller's budget, and the progress bar / callback.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 
 from torchcurv.algorithms.arguments import tqdm_bar
 from torchcurv.operators.base import LinearOperator
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
+Distribution = Literal["rademacher", "gaussian"]
+DISTRIBUTIONS: tuple[Distribution, ...] = get_args(Distribution)
 
 #: ``callback(num_matvecs_used, num_matvecs_budget)``, called after every operator call.
 ProgressCallback = Callable[[int, int], None]
@@ -61,11 +63,6 @@ def check_block_size(block_size: int | None) -> int | None:
     return block_size
 
 
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision for QR, accumulation and results: at least float32 (QR has no bf16/fp16)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 class ProbeSource:
     """Draws probe vectors one after another from one random stream.
 
@@ -81,7 +78,7 @@ class ProbeSource:
     def __init__(
         self,
         n: int,
-        distribution: str,
+        distribution: Distribution,
         dtype: torch.dtype,
         device: torch.device,
         seed: int | None = None,
@@ -109,11 +106,12 @@ class ProbeSource:
         return torch.stack(cols, dim=1).to(self.device, self.dtype)
 
     def _one(self) -> torch.Tensor:
-        kw = {"generator": self.generator, "device": self._draw_device}
         if self.distribution == "rademacher":
-            bits = torch.randint(0, 2, (self.n,), dtype=torch.int8, **kw)
+            bits = torch.randint(0, 2, (self.n,), dtype=torch.int8, generator=self.generator,
+                                 device=self._draw_device)
             return (2 * bits - 1).to(torch.float64)
-        return torch.randn(self.n, dtype=torch.float64, **kw)
+        return torch.randn(self.n, dtype=torch.float64, generator=self.generator,
+                           device=self._draw_device)
 
 
 class BudgetedProducts:

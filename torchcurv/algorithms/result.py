@@ -2,12 +2,68 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+if TYPE_CHECKING:  # arguments imports this module (through assemble)
+    from torchcurv.algorithms.arguments import Which
 
-@dataclass
+StopReason = Literal["converged", "maxiter", "stagnated"]
+
+
+@dataclass(frozen=True, eq=False)
+class EigshInfo:
+    """What a backend reports beside the eigenpairs; ``None`` where it reports nothing.
+
+    Attributes:
+        check_matvecs: products spent checking residuals after or between solves, not
+            counted in ``num_matvecs`` (every backend that checked).
+        ncv: basis size (lanczos, block; arpack and cupy: as asked, ``None`` for the
+            solver's own default).
+        block_size: vectors per product (lanczos 1, block ``p``; lobpcg: the block it
+            iterates).
+        restarts: thick restarts (lanczos, block).
+        stop_reason: ``"converged"``, ``"maxiter"`` or ``"stagnated"`` (lanczos, block).
+        residual_estimates: ``(k,)`` float64 Ritz residual estimates of the returned
+            pairs, in their (ascending) order (lanczos, block).
+        basis_shape, basis_dtype, basis_device, basis_bytes: the stored Krylov basis
+            (lanczos, block).
+        iterations: LOBPCG iterations over all rounds (lobpcg).
+        iterations_per_pair: power iterations of each pair, in the order found (power).
+        rounds: solver runs, each with a tightened absolute tolerance (lobpcg, cupy).
+        final_abs_tol: the absolute tolerance of the last run (lobpcg, cupy).
+        solver_dtype: NumPy name of the precision the SciPy/CuPy solver worked in
+            (arpack, lobpcg, cupy).
+        arpack_no_convergence: ARPACK's message when it converged fewer than ``k``
+            pairs (arpack).
+    """
+
+    check_matvecs: int | None = None
+    ncv: int | None = None
+    block_size: int | None = None
+    restarts: int | None = None
+    stop_reason: StopReason | None = None
+    residual_estimates: torch.Tensor | None = None
+    basis_shape: tuple[int, int] | None = None
+    basis_dtype: torch.dtype | None = None
+    basis_device: torch.device | None = None
+    basis_bytes: int | None = None
+    iterations: int | None = None
+    iterations_per_pair: tuple[int, ...] | None = None
+    rounds: int | None = None
+    final_abs_tol: float | None = None
+    solver_dtype: str | None = None
+    arpack_no_convergence: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields the backend reported (not ``None``), e.g. for a JSON record."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: v for name, v in values.items() if v is not None}
+
+
+@dataclass(frozen=True, eq=False)
 class EigshResult:
     """Eigenpairs from any backend of :func:`torchcurv.eigsh`.
 
@@ -27,7 +83,10 @@ class EigshResult:
         backend: the backend's name.
         which: the ``which`` asked for.
         tol: the relative tolerance asked for.
-        info: backend-specific extras (iterations, restarts, basis size, ...).
+        info: :class:`EigshInfo`, the backend's extras (iterations, restarts, basis
+            size, ...).
+
+    Frozen, like every torchcurv result; compared by identity (its fields are tensors).
     """
 
     eigenvalues: torch.Tensor
@@ -37,9 +96,9 @@ class EigshResult:
     num_matvecs: int
     wall_time: float
     backend: str
-    which: str
+    which: Which
     tol: float
-    info: dict = field(default_factory=dict)
+    info: EigshInfo = EigshInfo()
 
     @property
     def all_converged(self) -> bool:
@@ -63,11 +122,10 @@ def residual_norms(
     The product is not counted in ``op.num_matvecs`` (it checks the answer, it is not
     part of the solve). Returns ``(k,)`` float64 on the CPU.
     """
-    before = (op.num_matvecs, op.num_calls)
     V = eigenvectors.to(op.dtype)
     lam = eigenvalues.to(device=V.device, dtype=V.dtype)
-    R = op.matmat(V) - V * lam
-    op.num_matvecs, op.num_calls = before
+    with op.uncounted():
+        R = op.matmat(V) - V * lam
     return R.double().norm(dim=0).cpu()
 
 

@@ -22,9 +22,10 @@ import numpy as np
 import scipy.sparse.linalg as sla
 import torch
 
-from torchcurv.algorithms.arguments import check_start
+from torchcurv.algorithms.arguments import check_start, check_tol
 from torchcurv.algorithms.assemble import Stopwatch, assemble_result
-from torchcurv.algorithms.result import EigshResult, start_block
+from torchcurv.algorithms.eigsh import check_backend_serves
+from torchcurv.algorithms.result import EigshInfo, EigshResult, start_block
 from torchcurv.interop.scipy import as_linear_operator
 from torchcurv.operators.base import LinearOperator
 
@@ -65,8 +66,8 @@ def lobpcg_eigsh(
         dtype: precision LOBPCG works in (float64 default).
         max_rounds: limit on warm restarts with a tightened absolute tolerance.
     """
-    if which not in ("LA", "SA"):
-        raise ValueError(f"the 'lobpcg' backend finds which='LA' or 'SA', not {which!r}")
+    which = check_backend_serves("lobpcg", which)
+    tol = check_tol(tol, op.dtype)
     n = op.n
     m = max(k, min(2 * k, k + 8, n // 5)) if block_size is None else int(block_size)
     if not k <= m < n:
@@ -103,8 +104,8 @@ def lobpcg_eigsh(
                 break
             abs_tol = next_tol
     wall = clock.elapsed()
-    info = {"rounds": rounds, "iterations": iterations, "block_size": m,
-            "final_abs_tol": abs_tol, "dtype": str(A.dtype)}
+    info = EigshInfo(rounds=rounds, iterations=iterations, block_size=m,
+                     final_abs_tol=float(abs_tol), solver_dtype=str(A.dtype))
     vecs = X[:, wanted] if return_eigenvectors else None
     return assemble_result(op, lam[wanted], vecs, k=k, backend="lobpcg", which=which, tol=tol,
                            num_matvecs=A.num_matvecs, wall_time=wall, info=info)

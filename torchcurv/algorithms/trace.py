@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from torchcurv.algorithms.probing import (
     DISTRIBUTIONS,
     BudgetedProducts,
+    Distribution,
     ProbeSource,
     ProgressCallback,
     check_block_size,
@@ -24,12 +26,13 @@ from torchcurv.algorithms.probing import (
     check_choice,
     check_operator,
     leave_one_out_directions,
-    work_dtype,
 )
 from torchcurv.distributed.reduce import common_seed, reports_failures
+from torchcurv.dtypes import accumulation_dtype
 from torchcurv.operators.base import LinearOperator
 
-TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
+TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
+TRACE_METHODS: tuple[TraceMethod, ...] = get_args(TraceMethod)
 #: Smallest budget each method can run with.
 MIN_MATVECS = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}
 
@@ -53,8 +56,8 @@ class TraceEstimate:
     estimate: float
     std_error: float
     num_matvecs: int
-    method: str
-    distribution: str
+    method: TraceMethod
+    distribution: Distribution
 
     def __float__(self) -> float:
         return self.estimate
@@ -65,10 +68,10 @@ def trace(
     op: LinearOperator,
     *,
     num_matvecs: int,
-    method: str = "hutchinson",
+    method: TraceMethod = "hutchinson",
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    distribution: str = "rademacher",
+    distribution: Distribution = "rademacher",
     block_size: int | None = None,
     progress: bool = False,
     callback: ProgressCallback | None = None,
@@ -139,7 +142,7 @@ def trace(
             f"n={op.n}; with this budget compute the exact trace: "
             "torchcurv.diagonal(op, method='exact').estimate.sum()"
         )
-    dtype = work_dtype(op.dtype)
+    dtype = accumulation_dtype(op.dtype)
     if generator is None:
         seed = common_seed(op, seed)
     probes = ProbeSource(op.n, distribution, dtype, op.device, seed, generator)

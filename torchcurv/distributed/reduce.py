@@ -17,14 +17,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from torchcurv.errors import RankFailedError
+
+if TYPE_CHECKING:  # the operators import this module
+    from torchcurv.operators.base import LinearOperator
 
 # Failure checkpoints posted without waiting: their buffers must outlive the collective.
 _POSTED: list[tuple[object, torch.Tensor]] = []
@@ -204,7 +207,7 @@ def rank_counts(count: int, device: torch.device, group=None) -> list[int]:
     return [int(c) for c in t.tolist()]
 
 
-def common_seed(op: object, seed: int | None) -> int | None:
+def common_seed(op: LinearOperator, seed: int | None) -> int | None:
     """``seed``, or for a distributed operator and ``seed=None`` the :func:`shared_seed`.
 
     Randomized algorithms (trace, diagonal, spectral density) call this first, so that
@@ -222,7 +225,7 @@ def guarded(op: object) -> contextlib.AbstractContextManager[None]:
                              active=bool(getattr(op, "distributed", False)))
 
 
-def parameter_agreement(kind: str, names: list[str], params: list[torch.Tensor], *,
+def parameter_agreement(kind: str, names: list[str], params: Sequence[torch.Tensor], *,
                         compare_values: bool = True, group=None) -> None:
     """Raise on every rank unless all ranks build the same operator on the same weights.
 

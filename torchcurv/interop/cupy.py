@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import functools
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
 
 from torchcurv.errors import MissingExtraError, OperatorInputError
 from torchcurv.operators.base import LinearOperator, _same_device
+from torchcurv.operators.counting import ProductCounter
 
 _SOLVER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+_TORCH_DTYPE: dict[np.dtype, torch.dtype] = {
+    np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
 def import_cupy(what: str) -> tuple[ModuleType, ModuleType]:
@@ -48,7 +51,10 @@ def _adapter_class() -> type:
     # importable; it is built on first use and then reused.
     cupy, csla = import_cupy("as_cupy_linear_operator")
 
-    class CupyLinearOperator(csla.LinearOperator):
+    # CuPy is untyped: its LinearOperator is an Any base class
+    base: Any = csla.LinearOperator
+
+    class CupyLinearOperator(base, ProductCounter):
         """A torchcurv operator seen by ``cupyx.scipy.sparse.linalg``.
 
         Attributes:
@@ -61,8 +67,6 @@ def _adapter_class() -> type:
         def __init__(self, operator: LinearOperator, dtype: np.dtype) -> None:
             super().__init__(dtype=dtype, shape=operator.shape)
             self.operator = operator
-            self.num_matvecs = 0
-            self.num_calls = 0
 
         def _matmat(self, X):
             out_dtype = cupy.result_type(self.dtype, X.dtype)
@@ -99,8 +103,7 @@ def _adapter_class() -> type:
                 if Y.dtype != result_dtype:
                     Y = Y.to(result_dtype)
                 out = cupy.from_dlpack(Y)
-            self.num_matvecs += X.shape[1]
-            self.num_calls += int(X.shape[1] > 0)  # an empty block is no product
+            self._count(X.shape[1])
             return out
 
     return CupyLinearOperator
@@ -137,7 +140,7 @@ def as_cupy_linear_operator(op: LinearOperator, dtype: np.dtype | type | str | N
             "and data to the GPU, or use torchcurv.as_linear_operator for CPU solvers)"
         )
     if dtype is None:
-        by_torch = {v: k for k, v in _TORCH_DTYPE.items()}
+        by_torch: dict[torch.dtype, np.dtype] = {v: k for k, v in _TORCH_DTYPE.items()}
         dtype = by_torch.get(op.dtype, np.dtype(np.float32))
     dtype = np.dtype(dtype)
     if dtype not in _SOLVER_DTYPES:

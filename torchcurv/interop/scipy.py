@@ -13,11 +13,13 @@ import scipy.sparse.linalg as sla
 import torch
 
 from torchcurv.operators.base import LinearOperator
+from torchcurv.operators.counting import ProductCounter
+from torchcurv.operators.rectangular import RectangularOperator
 
 _SOLVER_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-class ScipyLinearOperator(sla.LinearOperator):
+class ScipyLinearOperator(sla.LinearOperator, ProductCounter):
     """A torchcurv :class:`~torchcurv.LinearOperator` seen by scipy.
 
     The adapter's ``dtype`` is the precision scipy's solvers work in (ARPACK and LOBPCG
@@ -34,8 +36,12 @@ class ScipyLinearOperator(sla.LinearOperator):
         num_calls: product calls through this adapter.
     """
 
-    def __init__(self, operator: LinearOperator, dtype: np.dtype | type | str | None = None):
-        if not isinstance(operator, LinearOperator):
+    def __init__(
+        self,
+        operator: LinearOperator | RectangularOperator,
+        dtype: np.dtype | type | str | None = None,
+    ):
+        if not isinstance(operator, (LinearOperator, RectangularOperator)):
             raise TypeError(
                 f"as_linear_operator wraps a torchcurv LinearOperator, got "
                 f"{type(operator).__name__}; wrap other objects with "
@@ -49,17 +55,15 @@ class ScipyLinearOperator(sla.LinearOperator):
         # An explicit dtype: scipy would otherwise probe with one matvec (a data pass).
         super().__init__(dtype=dtype, shape=operator.shape)
         self.operator = operator
-        self.num_matvecs = 0
-        self.num_calls = 0
 
-    def _matmat(self, X: np.ndarray) -> np.ndarray:
+    def _matmat(self, X: np.ndarray, transpose: bool = False) -> np.ndarray:
         X = np.asarray(X)
         out_dtype = np.result_type(self.dtype, X.dtype)
         if np.iscomplexobj(X):
             m = X.shape[1]
-            Y = self._real_product(np.concatenate([X.real, X.imag], axis=1))
+            Y = self._real_product(np.concatenate([X.real, X.imag], axis=1), transpose)
             return (Y[:, :m] + 1j * Y[:, m:]).astype(out_dtype, copy=False)
-        return self._real_product(X).astype(out_dtype, copy=False)
+        return self._real_product(X, transpose).astype(out_dtype, copy=False)
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         # scipy's matvec reshapes the (n, 1) result back to the shape it was given.
@@ -75,16 +79,32 @@ class ScipyLinearOperator(sla.LinearOperator):
     def _transpose(self) -> ScipyLinearOperator:
         return self
 
-    def _real_product(self, X: np.ndarray) -> np.ndarray:
+    def _real_product(self, X: np.ndarray, transpose: bool = False) -> np.ndarray:
         op = self.operator
         X = np.ascontiguousarray(X)
         if not X.flags.writeable:  # torch.from_numpy warns on read-only memory
             X = X.copy()
         V = torch.from_numpy(X).to(device=op.device, dtype=op.dtype)
-        Y = op.matmat(V)
-        self.num_matvecs += X.shape[1]
-        self.num_calls += int(X.shape[1] > 0)  # an empty block is no product
+        Y = op.rmatmat(V) if transpose else op.matmat(V)
+        self._count(X.shape[1])
         return tensor_to_numpy(Y)
+
+
+class ScipyRectangularOperator(ScipyLinearOperator):
+    """A non-square torchcurv operator (:class:`~torchcurv.JacobianOperator`) seen by
+    scipy: ``rmatvec``/``rmatmat`` are the transpose's torch products, ``.T``/``.H`` an
+    adapter of the transpose, so ``svds`` and ``lsqr`` run on it."""
+
+    def _rmatmat(self, X: np.ndarray, transpose: bool = False) -> np.ndarray:
+        return self._matmat(X, transpose=not transpose)
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matmat(np.asarray(x).reshape(-1, 1), transpose=True)
+
+    def _adjoint(self) -> ScipyRectangularOperator:
+        return ScipyRectangularOperator(self.operator.T, self.dtype)
+
+    _transpose = _adjoint
 
 
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -96,12 +116,14 @@ def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def as_linear_operator(
-    op: LinearOperator, dtype: np.dtype | type | str | None = None
+    op: LinearOperator | RectangularOperator, dtype: np.dtype | type | str | None = None
 ) -> ScipyLinearOperator:
     """Wrap a torchcurv operator as a ``scipy.sparse.linalg.LinearOperator``.
 
     Args:
-        op: a torchcurv operator (``n x n``, symmetric), on any device and dtype.
+        op: a torchcurv operator (``n x n``, symmetric), on any device and dtype; or a
+            non-square one (:class:`~torchcurv.JacobianOperator`), then wrapped as a
+            :class:`ScipyRectangularOperator`.
         dtype: the scipy-side dtype, float32 or float64. Default float64 for every
             operator: ARPACK and LOBPCG then orthogonalise and restart in double
             precision (in float32 ARPACK's implicit restarts lose orthogonality and
@@ -114,4 +136,6 @@ def as_linear_operator(
         ``(n, 1)`` or ``(n, m)``, any NumPy real or complex dtype, any memory order;
         outputs follow scipy's shape rules.
     """
+    if isinstance(op, RectangularOperator):
+        return ScipyRectangularOperator(op, dtype)
     return ScipyLinearOperator(op, dtype)

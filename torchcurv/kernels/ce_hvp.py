@@ -21,15 +21,20 @@ Hessian is again ``diag(p) - p p^T``; only ``w_r`` moves (see
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 
+from torchcurv.dtypes import accumulation_dtype
 from torchcurv.errors import MissingExtraError, OperatorInputError
+from torchcurv.kernels.triton_env import triton_installed as _triton_installed
+from torchcurv.kernels.triton_env import triton_interpreter_active
 
-BACKENDS = ("auto", "eager", "compile", "triton")
+CEBackend = Literal["auto", "eager", "compile", "triton"]
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
+BACKENDS: tuple[CEBackend, ...] = get_args(CEBackend)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -38,7 +43,7 @@ def ce_hessian_matmat(
     U: torch.Tensor,
     weights: torch.Tensor | None = None,
     *,
-    backend: str = "auto",
+    backend: CEBackend = "auto",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy loss-Hessian (w.r.t. the logits) times ``U``, row by row.
@@ -116,16 +121,11 @@ def _run_compiled(
     return _compiled_formula()(logits, U3, weights).view(U.shape)
 
 
-def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half-precision inputs widen)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def cross_entropy_row_weights(
     target: torch.Tensor,
     *,
     num_classes: int,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     ignore_index: int = -100,
     weight: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
@@ -156,7 +156,7 @@ def cross_entropy_row_weights(
             "target must be an (N,) tensor of integer class indices, got "
             f"shape {tuple(target.shape)} and dtype {target.dtype}"
         )
-    if reduction not in ("mean", "sum"):
+    if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -187,16 +187,6 @@ def cross_entropy_row_weights(
 
 
 # -- dispatch and validation --------------------------------------------------------------
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreter_active() -> bool:
-    """Whether triton runs kernels in its CPU interpreter (it reads this at import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _resolve_backend(backend: str, device_type: str, triton_installed: bool) -> str:

@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from torchcurv.kernels.ce_hvp import accumulation_dtype, triton_interpreter_active
+from torchcurv.dtypes import accumulation_dtype
+from torchcurv.kernels.triton_env import triton_interpreter_active
 
 # Chunk starts are multiples of this many elements, so that when the row stride is one too,
 # every chunk keeps 16-byte vector loads.
@@ -236,7 +237,7 @@ def ce_hessian_matmat_triton(
     else:
         counters = part_max = part_sum = part_dot = logits  # never read with SPLIT_P2 == 1
     has_weights = weights is not None
-    w = weights.to(acc).contiguous() if has_weights else logits  # unread when absent
+    w = weights.to(acc).contiguous() if weights is not None else logits  # unread when absent
     _ce_hvp_kernel[(segments * split,)](
         logits, U3, w, out3, counters, part_max, part_sum, part_dot,
         v, m, span, split,

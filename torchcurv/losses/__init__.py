@@ -1,6 +1,5 @@
 """Loss curvature in the model's output space: closed-form Hessians and Fisher factors."""
 
-from torchcurv.kernels.ce_hvp import ce_hessian_matmat, cross_entropy_row_weights
 from torchcurv.losses.autograd import AutogradHessian
 from torchcurv.losses.base import OutputCurvature, SampleOuterProducts
 from torchcurv.losses.cross_entropy import CrossEntropyHessian, criterion_row_weights
@@ -16,9 +15,7 @@ __all__ = [
     "OutputCurvature",
     "SampleLayout",
     "SampleOuterProducts",
-    "ce_hessian_matmat",
     "criterion_row_weights",
-    "cross_entropy_row_weights",
     "empirical_fisher_factors",
     "loss_hessian",
     "monte_carlo_fisher_factors",

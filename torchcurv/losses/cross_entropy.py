@@ -13,11 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchcurv.kernels.ce_hvp import (
-    accumulation_dtype,
-    ce_hessian_matmat,
-    cross_entropy_row_weights,
-)
+from torchcurv.dtypes import accumulation_dtype
+from torchcurv.kernels.ce_hvp import REDUCTIONS, ce_hessian_matmat, cross_entropy_row_weights
 from torchcurv.losses.base import OutputCurvature
 from torchcurv.losses.layout import sample_layout
 
@@ -44,8 +41,9 @@ def criterion_row_weights(
         sequence has no bf16 representation to spare), else in the output's dtype. All
         zero for a mean over no counted row (torch's loss is NaN there).
     """
-    if criterion.reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {criterion.reduction!r}")
+    reduction = criterion.reduction
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     layout = sample_layout(criterion, output)
     dtype = accumulation_dtype(output.dtype)
     eps = float(criterion.label_smoothing)
@@ -58,7 +56,7 @@ def criterion_row_weights(
                 f"(logits shape {tuple(output.shape)})"
             )
         return cross_entropy_row_weights(
-            t, num_classes=layout.width, reduction=criterion.reduction,
+            t, num_classes=layout.width, reduction=reduction,
             ignore_index=criterion.ignore_index, weight=class_weight, label_smoothing=eps,
             dtype=dtype,
         )

@@ -102,7 +102,8 @@ def monte_carlo_fisher_factors(
         weights = bce_with_logits_curvature_weights(criterion, output, target) * scale_t
         g = (prob.unsqueeze(0) - draws) * layout.to_rows(weights[None]).clamp_min(0).sqrt()
     elif isinstance(criterion, nn.MSELoss):
-        std = torch.as_tensor(math.sqrt(0.5), device=f.device)
+        # in the output's dtype: a float32 std would round every float64 draw
+        std = torch.as_tensor(math.sqrt(0.5), dtype=f.dtype, device=f.device)
         mean = torch.zeros(mc_samples, *f.shape, device=f.device, dtype=f.dtype)
         normaliser = output.numel() if criterion.reduction == "mean" else 1
         g = 2 * torch.normal(mean, std, generator=generator) * (scale_t / normaliser).sqrt()

@@ -119,7 +119,7 @@ def sequence_classification_objective(
         def loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
             return criterion(at_least_float32(logits), targets(batch))
 
-        def weight(batch: Batch) -> torch.Tensor:
+        def weight(batch: Batch) -> torch.Tensor | float:
             return count_targets(_require(batch, "labels"))
 
         def targets(batch: Batch) -> torch.Tensor:
@@ -137,7 +137,7 @@ def sequence_classification_objective(
                 )
             return criterion(logits, labels.reshape(logits.shape).to(logits.dtype))
 
-        def weight(batch: Batch) -> float:
+        def weight(batch: Batch) -> torch.Tensor | float:
             return float(_require(batch, "labels").numel())
 
         # labels are reshaped to the logits inside the loss: no closed form, autograd's

@@ -15,9 +15,10 @@ from collections.abc import Sequence
 import torch
 
 from torchcurv.errors import OperatorInputError
+from torchcurv.operators.counting import ProductCounter
 
 
-class LinearOperator:
+class LinearOperator(ProductCounter):
     """Symmetric ``n x n`` linear operator acting on torch tensors.
 
     Attributes:
@@ -26,7 +27,9 @@ class LinearOperator:
         device: device of the vectors the operator takes and returns.
         num_matvecs: number of vectors multiplied so far (a block of ``m`` counts ``m``).
         num_calls: number of product calls so far (a block counts once; an empty
-            ``(n, 0)`` block, answered without a product, not at all).
+            ``(n, 0)`` block, answered without a product, not at all). Products inside
+            ``with op.uncounted():`` are not counted
+            (:class:`~torchcurv.operators.counting.ProductCounter`).
 
     Every product refuses vectors with NaN/inf entries
     (:class:`~torchcurv.OperatorInputError`), whatever the operator.
@@ -38,8 +41,6 @@ class LinearOperator:
         self._n = int(n)
         self._dtype = dtype
         self._device = torch.device(device)
-        self.num_matvecs = 0
-        self.num_calls = 0
 
     # -- what subclasses provide ---------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -134,35 +135,42 @@ class LinearOperator:
             return block.new_zeros(block.shape)
         _check_finite(block, one)
         out = self._matmat(block)
-        self.num_matvecs += block.shape[1]
-        self.num_calls += 1
+        self._count(block.shape[1])
         return out.squeeze(1) if one else out
 
     def _check_input(self, V: torch.Tensor) -> torch.Tensor:
-        if not isinstance(V, torch.Tensor):
-            raise OperatorInputError(
-                f"{type(self).__name__} multiplies torch tensors, got {type(V).__name__}; "
-                "for NumPy/SciPy use torchcurv.as_linear_operator(op)"
-            )
-        if V.ndim not in (1, 2) or V.shape[0] != self._n:
-            raise OperatorInputError(
-                f"vector has shape {tuple(V.shape)}, the operator needs ({self._n},) "
-                f"or ({self._n}, m)"
-            )
-        if V.dtype != self._dtype:
-            raise OperatorInputError(
-                f"vector has dtype {V.dtype}, the operator's dtype is {self._dtype}; "
-                f"convert with v.to({self._dtype})"
-            )
-        if V.device != self._device and not _same_device(V.device, self._device):
-            raise OperatorInputError(
-                f"vector is on {V.device}, the operator is on {self._device}; "
-                f"move it with v.to('{self._device}')"
-            )
-        return V
+        return check_vector(V, self._n, self._dtype, self._device, type(self).__name__)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} n={self._n} dtype={self._dtype} device={self._device}>"
+
+
+def check_vector(
+    V: torch.Tensor, rows: int, dtype: torch.dtype, device: torch.device, who: str
+) -> torch.Tensor:
+    """``V`` if it is a ``(rows,)`` or ``(rows, m)`` tensor of ``dtype`` on ``device``,
+    else an :class:`~torchcurv.OperatorInputError` that names the mismatch and the fix."""
+    if not isinstance(V, torch.Tensor):
+        raise OperatorInputError(
+            f"{who} multiplies torch tensors, got {type(V).__name__}; "
+            "for NumPy/SciPy use torchcurv.as_linear_operator(op)"
+        )
+    if V.ndim not in (1, 2) or V.shape[0] != rows:
+        raise OperatorInputError(
+            f"vector has shape {tuple(V.shape)}, the operator needs ({rows},) "
+            f"or ({rows}, m)"
+        )
+    if V.dtype != dtype:
+        raise OperatorInputError(
+            f"vector has dtype {V.dtype}, the operator's dtype is {dtype}; "
+            f"convert with v.to({dtype})"
+        )
+    if V.device != device and not _same_device(V.device, device):
+        raise OperatorInputError(
+            f"vector is on {V.device}, the operator is on {device}; "
+            f"move it with v.to('{device}')"
+        )
+    return V
 
 
 def _check_finite(block: torch.Tensor, one: bool) -> None:

@@ -27,6 +27,7 @@ from torchcurv.distributed.reduce import (
     parameter_agreement,
     rank_counts,
 )
+from torchcurv.dtypes import accumulation_dtype
 from torchcurv.errors import DataChangedError, NondeterminismError, NonFiniteLossError
 from torchcurv.objectives import Objective, as_objective
 from torchcurv.operators.attention import differentiable_attention
@@ -208,18 +209,19 @@ class CurvatureOperator(ParameterOperator):
         return [self.objective.batch_weight(p) for p in pieces]
 
     def _total_weight(self, check: bool) -> float:
-        weights, prints = [], []
+        counts: list[list[torch.Tensor | float]] = []
+        prints: list[Any] = []
         with self._stage(self.device):
             layout = []
             for batch in iterate(self.data, self.device):
-                weights.append(self._weights_of(batch))
+                counts.append(self._weights_of(batch))
                 layout.append(shapes(batch))
                 if check:
                     prints.append(fingerprint(batch))
             self._batch_shapes = layout
-            if not weights and not self.distributed:
+            if not counts and not self.distributed:
                 raise ValueError("data is empty: it yielded no batch")
-            weights = [[float(w) for w in ws] for ws in weights]
+            weights = [[float(w) for w in ws] for ws in counts]
         total = float(sum(sum(ws) for ws in weights))
         # this rank's loss-term count, which every later pass over the data must see again
         self._local_weight = total
@@ -510,8 +512,3 @@ def _fsdp_group(model: nn.Module) -> Any:
             "tensor parallelism)"
         )
     return next(iter(meshes.values())).get_group()
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sum 16-bit batch products in float32: bf16 keeps 8 bits, lost after ~100 batches."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

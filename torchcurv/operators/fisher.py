@@ -28,6 +28,7 @@ from torchcurv.losses.fisher import (
     monte_carlo_fisher_factors,
 )
 from torchcurv.objectives import Objective
+from torchcurv.operators.jacobian import JvpMethod
 from torchcurv.operators.output_space import OutputSpaceOperator, ProductState
 
 Batch = Any
@@ -45,6 +46,21 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
     ``microbatch_size``):
     as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+
+    Example:
+        For a linear model ``f(x) = w·x`` under ``MSELoss`` over ``N`` examples, sample
+        ``i``'s loss term ``s_i = (w·x_i - y_i)^2`` has gradient ``2 r_i x_i`` with
+        ``r_i = w·x_i - y_i`` and ``c = 1/N``, so ``EF = 4/N sum_i r_i^2 x_i x_iᵀ``:
+
+        >>> import torch, torchcurv
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1, bias=False).double()
+        >>> EF = torchcurv.EmpiricalFisherOperator(model, nn.MSELoss(), [(X, y)])
+        >>> r = model(X).detach() - y
+        >>> torch.allclose(EF.to_dense(), 4 / 8 * X.T @ (r**2 * X))
+        True
     """
 
     def _output_curvature(self, output, batch, scale, generator=None):
@@ -53,7 +69,53 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
         return empirical_fisher_factors(self.objective, output, batch, scale * weight)
 
 
-class MCFisherOperator(OutputSpaceOperator):
+class SeededDraws:
+    """The random streams of the operators that draw labels from the model: the
+    Monte-Carlo Fisher and KFAC's ``fisher_type="mc"``.
+
+    Every pass over the data restarts from ``seed`` (or from the state ``generator`` had
+    at construction), so the operator is a fixed matrix: one stream through all batches
+    in order, or with ``per_batch_seeds`` a fresh generator per global batch index
+    (seeded by SplitMix64 from the base seed and the index; no two batches anywhere
+    share draws). Subclasses set ``self.seed`` and call :meth:`_init_draws` once their
+    ``device`` and ``distributed`` are known.
+    """
+
+    seed: int
+    device: torch.device
+    distributed: bool
+
+    def _init_draws(self, generator: torch.Generator | None,
+                    per_batch_seeds: bool | None) -> None:
+        self._state = None
+        if generator is not None:
+            if torch.device(generator.device).type != self.device.type:
+                raise ValueError(
+                    f"generator is on {generator.device}, the operator on {self.device}"
+                )
+            self._state = generator.get_state()
+        self.per_batch_seeds = self.distributed if per_batch_seeds is None else bool(
+            per_batch_seeds)
+        self._base_seed = self.seed if self._state is None else int(
+            torch.randint(2**62, (), generator=self.fresh_generator(), device=self.device))
+
+    def fresh_generator(self) -> torch.Generator:
+        """A generator in the state every pass over the data starts from."""
+        rng = torch.Generator(device=self.device)
+        if self._state is not None:
+            rng.set_state(self._state)
+        else:
+            rng.manual_seed(self.seed)
+        return rng
+
+    def batch_generator(self, index: int) -> torch.Generator:
+        """The generator global batch ``index`` draws from when ``per_batch_seeds``."""
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(_splitmix64(_splitmix64(self._base_seed) ^ index))
+        return rng
+
+
+class MCFisherOperator(SeededDraws, OutputSpaceOperator):
     """Monte-Carlo Fisher: ``c sum_r Jᵀ (1/S sum_k g_rk g_rkᵀ) J`` with ``g`` sampled.
 
     Labels are drawn per sample from the model's predictive distribution (categorical for
@@ -78,6 +140,22 @@ class MCFisherOperator(OutputSpaceOperator):
     ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
     ``microbatch_size``: as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
 
+    Example:
+        For a linear model ``f(x) = w·x`` under ``MSELoss`` over ``N`` examples the
+        labels are ``N(f, 1/2)``, ``g_i = 2 (f(x_i) - ŷ_i) x_i`` and ``E[g_i g_iᵀ] =
+        2 x_i x_iᵀ``: the expectation is the GGN ``2/N Xᵀ X``, met to about
+        ``1/sqrt(N mc_samples)``:
+
+        >>> import torch, torchcurv
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1, bias=False).double()
+        >>> F = torchcurv.MCFisherOperator(model, nn.MSELoss(), [(X, y)], mc_samples=4000)
+        >>> expected = 2 / 8 * X.T @ X
+        >>> bool((F.to_dense() - expected).norm() < 0.05 * expected.norm())
+        True
+
     Args:
         mc_samples: labels drawn per sample and product.
         seed: seeds a ``torch.Generator`` on the operator's device.
@@ -99,7 +177,7 @@ class MCFisherOperator(OutputSpaceOperator):
         mc_samples: int = 1,
         seed: int = 0,
         generator: torch.Generator | None = None,
-        jvp: str = "forward",
+        jvp: JvpMethod = "forward",
         check_deterministic: bool = True,
         process_group: Any = None,
         distributed: bool | None = None,
@@ -124,36 +202,11 @@ class MCFisherOperator(OutputSpaceOperator):
                 f"distribution ({[c.__name__ for c in SAMPLEABLE]}), got "
                 f"{type(crit).__name__ if crit is not None else 'an Objective without one'}"
             )
-        self._state = None
-        if generator is not None:
-            if torch.device(generator.device).type != self.device.type:
-                raise ValueError(
-                    f"generator is on {generator.device}, the operator on {self.device}"
-                )
-            self._state = generator.get_state()
+        self._init_draws(generator, per_batch_seeds)
         # Only for torchcurv.validation.dense, which draws a product's labels outside a
         # product by setting it and walking _batches; products never read or write it
         # (theirs travels in their ProductState).
         self._rng: torch.Generator | None = None
-        self.per_batch_seeds = self.distributed if per_batch_seeds is None else bool(
-            per_batch_seeds)
-        self._base_seed = self.seed if self._state is None else int(
-            torch.randint(2**62, (), generator=self.fresh_generator(), device=self.device))
-
-    def fresh_generator(self) -> torch.Generator:
-        """A generator in the state every product starts from."""
-        rng = torch.Generator(device=self.device)
-        if self._state is not None:
-            rng.set_state(self._state)
-        else:
-            rng.manual_seed(self.seed)
-        return rng
-
-    def batch_generator(self, index: int) -> torch.Generator:
-        """The generator global batch ``index`` draws from when ``per_batch_seeds``."""
-        rng = torch.Generator(device=self.device)
-        rng.manual_seed(_splitmix64(_splitmix64(self._base_seed) ^ index))
-        return rng
 
     def _new_product(self) -> ProductState:
         # Every product restarts the stream, in its own state: concurrent products of one

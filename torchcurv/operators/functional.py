@@ -6,7 +6,7 @@ Blocks of vectors travel as per-parameter tensors of shape ``(m, *param.shape)``
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -214,3 +214,22 @@ def _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blo
         hvp, blocks, out_dims=(0, None),
         advice="construct the operator with method='autograd' (double backward)")
     return loss, list(hv)
+
+
+def norm_of(tensors: Iterable[torch.Tensor]) -> float:
+    """The 2-norm of ``tensors`` as one vector, in float64, with one host sync."""
+    return float(torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])))
+
+
+def finite_difference_step(dtype: torch.dtype, theta_norm: float, v_norm: float) -> float:
+    """The central-difference step ``h = eps^(1/3) (1 + ||theta||) / ||v||`` along ``v``.
+
+    ``eps^(1/3)`` balances the ``O(h^2)`` truncation error against the ``eps / h``
+    rounding of the difference; ``1 + ||theta||`` makes the perturbation relative to the
+    parameters. The zero vector takes ``||v|| = 1``: both sides are then the unperturbed
+    point, so its product is zero for any ``h`` (exactly, with deterministic kernels),
+    and its passes still check the data and the loss as every product does.
+    Shared by every finite-difference product (Hessian and Jacobian), so they agree.
+    """
+    return torch.finfo(dtype).eps ** (1 / 3) * (1 + theta_norm) / (v_norm if v_norm > 0 else 1.0)

@@ -33,6 +33,21 @@ class GGNOperator(OutputSpaceOperator):
     ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
     ``microbatch_size``):
     as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+
+    Example:
+        For ``f(x) = tanh(w·x)`` under ``MSELoss`` over ``N`` examples, ``J_i = d_i x_iᵀ``
+        with ``d_i = 1 - f(x_i)^2`` and the loss Hessian is ``2/N``, so
+        ``G = 2/N sum_i d_i^2 x_i x_iᵀ`` (the Hessian also has a term in ``f - y``):
+
+        >>> import torch, torchcurv
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> model = nn.Sequential(nn.Linear(3, 1, bias=False), nn.Tanh()).double()
+        >>> G = torchcurv.GGNOperator(model, nn.MSELoss(), [(X, y)])
+        >>> d = 1 - model(X).detach() ** 2
+        >>> torch.allclose(G.to_dense(), 2 / 8 * X.T @ (d**2 * X))
+        True
     """
 
     def _output_curvature(self, output, batch, scale, generator=None):

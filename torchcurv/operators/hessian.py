@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import torch
 import torch.distributed as dist
@@ -18,15 +18,21 @@ from torchcurv.operators.curvature import (
 )
 from torchcurv.operators.functional import (
     batched_hvp,
+    finite_difference_step,
     loss_and_grads,
+    norm_of,
     scaled,
     serialised_transforms,
 )
 from torchcurv.operators.model_guard import preserved
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
 Batch = Any
 
-_METHODS = ("autograd", "forward_over_reverse", "finite_difference")
+HessianMethod = Literal["autograd", "forward_over_reverse", "finite_difference"]
+_METHODS: tuple[HessianMethod, ...] = get_args(HessianMethod)
 
 
 class HessianOperator(CurvatureOperator):
@@ -55,14 +61,31 @@ class HessianOperator(CurvatureOperator):
               process-wide (``torch.func`` is not thread-safe).
             - ``"finite_difference"``: central differences of gradients,
               ``(g(theta + h v) - g(theta - h v)) / 2h`` with
-              ``h = eps^(1/3) (1 + ||theta||) / ||v||``; for setups where double backward is
-              impossible. Bias is ``O(h^2)``: about 1e-10 relative in float64 and 1e-4 in
-              float32 on well-scaled models. Costs two gradients per vector. The only
-              method for models sharded with FSDP2 (``fully_shard``): gradients then
-              come from ``loss.backward()`` through FSDP's own reduce-scatter, every
-              rank runs as many passes as the rank with the most batches (extra passes
-              on the first batch with weight 0), and each rank holds full ``(n,)``
-              vectors (docs/distributed.md).
+              ``h = eps^(1/3) (1 + ||theta||) / ||v||``
+              (:func:`~torchcurv.operators.functional.finite_difference_step`); for setups
+              where double backward is impossible. Bias is ``O(h^2)``: about 1e-10 relative
+              in float64 and 1e-4 in float32 on well-scaled models. Costs two gradients per
+              vector. The only method for models sharded with FSDP2 (``fully_shard``):
+              gradients then come from ``loss.backward()`` through FSDP's own
+              reduce-scatter, every rank runs as many passes as the rank with the most
+              batches (extra passes on the first batch with weight 0), and each rank holds
+              full ``(n,)`` vectors (docs/distributed.md).
+
+    Example:
+        A linear model ``f(x) = w·x + b`` under ``MSELoss`` over ``N`` examples has
+        ``L = 1/N sum_i (w·x_i + b - y_i)^2``, so ``H = 2/N X₁ᵀ X₁`` with ``X₁`` the
+        inputs and a column of ones (rows ordered as the parameters: ``w``, then
+        ``b``), however the data is batched:
+
+        >>> import torch, torchcurv
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1).double()
+        >>> H = torchcurv.HessianOperator(model, nn.MSELoss(), [(X[:5], y[:5]), (X[5:], y[5:])])
+        >>> X1 = torch.cat([X, torch.ones(8, 1, dtype=torch.float64)], dim=1)
+        >>> torch.allclose(H.to_dense(), 2 / 8 * X1.T @ X1)
+        True
     """
 
     def __init__(
@@ -73,7 +96,7 @@ class HessianOperator(CurvatureOperator):
         *,
         params: Iterable[torch.Tensor] | None = None,
         param_filter: str | Sequence[str] | None = None,
-        method: str = "autograd",
+        method: HessianMethod = "autograd",
         check_deterministic: bool = True,
         process_group: Any = None,
         distributed: bool | None = None,
@@ -155,8 +178,9 @@ class HessianOperator(CurvatureOperator):
                 count += 1
             for _ in range(max(self.batch_counts) - count):
                 scaled(self.objective(self.model, first), 0.0).backward()
+        # FSDP2's parameters, and so their gradients, are DTensors
         grads = [torch.zeros(p.shape, dtype=p.dtype, device=self.device) if p.grad is None
-                 else p.grad.full_tensor() for p in self.params]
+                 else cast("DTensor", p.grad).full_tensor() for p in self.params]
         for p in self.params:
             p.grad = None
         return grads
@@ -180,29 +204,25 @@ class HessianOperator(CurvatureOperator):
             return piece
         from torch.distributed.tensor import distribute_tensor
 
+        shard = cast("DTensor", param)
         # src_data_rank=None: every rank cuts its shard from its own (identical) copy.
-        return distribute_tensor(piece, param.device_mesh, param.placements,
+        return distribute_tensor(piece, shard.device_mesh, shard.placements,
                                  src_data_rank=None)
 
     def _norm(self, tensors: list[torch.Tensor]) -> float:
         if not self.fsdp:
-            return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
-        local = float(sum((t.to_local().double() ** 2).sum() for t in tensors))
+            return norm_of(tensors)
+        local = float(sum((cast("DTensor", t).to_local().double() ** 2).sum() for t in tensors))
         return all_reduce_scalar(local, self.device, self.process_group) ** 0.5
 
     def _finite_difference_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
-        eps = torch.finfo(self.dtype).eps
         columns, losses = [], BatchLosses()
         with preserved(self.model, self.params):
             origin = [p.detach().clone() for p in self.params]
             theta_norm = self._norm(origin)
             for j in range(V.shape[1]):
                 v = V[:, j]
-                v_norm = float(v.norm())
-                if v_norm == 0:
-                    columns.append(torch.zeros_like(v, dtype=accumulation_dtype(v.dtype)))
-                    continue
-                h = eps ** (1 / 3) * (1 + theta_norm) / v_norm
+                h = finite_difference_step(self.dtype, theta_norm, float(v.norm()))
                 pieces = self.unflatten(v.contiguous())
                 sides = []
                 for sign in (1.0, -1.0):

@@ -7,18 +7,24 @@ blocks of output-space vectors as ``(m, *output.shape)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
 from torchcurv.objectives import Objective
-from torchcurv.operators.functional import BoundCall, vmapped_forward_mode
+from torchcurv.operators.functional import (
+    BoundCall,
+    finite_difference_step,
+    norm_of,
+    vmapped_forward_mode,
+)
 
 Batch = Any
 
-JVP_METHODS = ("forward", "double_vjp", "finite_difference")
+JvpMethod = Literal["forward", "double_vjp", "finite_difference"]
+JVP_METHODS: tuple[JvpMethod, ...] = get_args(JvpMethod)
 
 
 def forward_with_graph(model: nn.Module, objective: Objective, batch: Batch) -> torch.Tensor:
@@ -45,8 +51,7 @@ def jvp_forward_mode(
     primals = tuple(p.detach() for p in params)
 
     def tangent(*vs: torch.Tensor) -> torch.Tensor:
-        _, out = jvp(lambda *ps: functional_call(bound, dict(zip(keys, ps)), ()), primals, vs)
-        return out
+        return jvp(lambda *ps: functional_call(bound, dict(zip(keys, ps)), ()), primals, vs)[1]
 
     return vmapped_forward_mode(
         tangent, blocks,
@@ -88,20 +93,17 @@ def jvp_finite_difference(
     blocks: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """``J V`` by central differences ``(f(θ + h v) - f(θ - h v)) / 2h``, two no-grad
-    forwards per vector, ``h = eps^(1/3) (1 + ||θ||) / ||v||``.
+    forwards per vector, ``h`` from :func:`~torchcurv.operators.functional.finite_difference_step`.
 
     Perturbs ``params`` in place and copies ``origin`` (their values) back after every
     vector, which is bit-exact. The bias is ``O(h²)``: about 1e-10 relative in float64.
     """
-    eps = torch.finfo(params[0].dtype).eps
-    theta_norm = float(torch.sqrt(sum((o.double() ** 2).sum() for o in origin)))
+    theta_norm = norm_of(origin)
     columns = []
     with torch.no_grad():
         for j in range(blocks[0].shape[0]):
             pieces = [b[j] for b in blocks]
-            v_norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in pieces)))
-            # a zero vector gives f(θ) - f(θ) = 0 exactly with any h
-            h = eps ** (1 / 3) * (1 + theta_norm) / v_norm if v_norm > 0 else 1.0
+            h = finite_difference_step(params[0].dtype, theta_norm, norm_of(pieces))
             sides = []
             try:
                 for sign in (1.0, -1.0):

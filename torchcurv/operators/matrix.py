@@ -8,12 +8,28 @@ from torchcurv.operators.base import LinearOperator
 
 
 class MatrixOperator(LinearOperator):
-    """Wrap a dense symmetric ``(n, n)`` torch tensor.
+    """Wrap a dense symmetric ``(n, n)`` torch tensor ``A``: the operator is ``A`` itself,
+    ``op @ V = A @ V``.
 
     Args:
         matrix: ``(n, n)`` tensor; its dtype and device become the operator's.
         check_symmetric: raise if ``matrix`` is not symmetric to 1e3 machine epsilons
             (relative, Frobenius norm).
+
+    Example:
+        The tridiagonal ``A = tridiag(1, 2, 1)`` of order 3 has the largest eigenvalue
+        ``2 + sqrt(2)``:
+
+        >>> import torch, torchcurv
+        >>> A = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 1.0], [0.0, 1.0, 2.0]],
+        ...                  dtype=torch.float64)
+        >>> op = torchcurv.MatrixOperator(A)
+        >>> v = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+        >>> torch.equal(op @ v, A @ v)
+        True
+        >>> top = torchcurv.eigsh(op, k=1, backend="lanczos", tol=1e-12).eigenvalues
+        >>> torch.allclose(top, torch.tensor([2 + 2**0.5], dtype=torch.float64))
+        True
     """
 
     def __init__(self, matrix: torch.Tensor, *, check_symmetric: bool = True) -> None:

@@ -8,11 +8,11 @@ mode uses the batch's statistics) make the microbatched operator a different mat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
+
+from torchcurv.data import batch_tensors, map_batch
 
 Batch = Any
 
@@ -46,7 +46,7 @@ def leading_size(batch: Batch) -> int:
 
     Raises ``ValueError`` if the tensors disagree or there are none.
     """
-    sizes = {t.shape[0] for t in _tensors(batch) if t.ndim >= 1}
+    sizes = {t.shape[0] for t in batch_tensors(batch) if t.ndim >= 1}
     if len(sizes) != 1:
         raise ValueError(
             "microbatching splits every tensor of a batch along dim 0, but this batch's "
@@ -64,29 +64,10 @@ def split_batch(batch: Batch, microbatch_size: int) -> list[Batch]:
     dict, HuggingFace ``BatchEncoding``).
     """
     size = leading_size(batch)
-    starts = range(0, size, microbatch_size)
-    return [_slice(batch, start, min(start + microbatch_size, size)) for start in starts]
 
+    def chunk(start: int) -> Batch:
+        return map_batch(lambda t: t[start:start + microbatch_size] if t.ndim >= 1 else t,
+                         batch)
 
-def _tensors(batch: Batch):
-    if isinstance(batch, torch.Tensor):
-        yield batch
-    elif isinstance(batch, (tuple, list)):
-        for b in batch:
-            yield from _tensors(b)
-    elif isinstance(batch, Mapping):
-        for b in batch.values():
-            yield from _tensors(b)
+    return [chunk(start) for start in range(0, size, microbatch_size)]
 
-
-def _slice(batch: Batch, start: int, stop: int) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop] if batch.ndim >= 1 else batch
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_slice(b, start, stop) for b in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice(b, start, stop) for b in batch)
-    if isinstance(batch, Mapping):
-        # dict subclasses and BatchEncoding (a UserDict) rebuild from a plain dict
-        return type(batch)({k: _slice(v, start, stop) for k, v in batch.items()})
-    return batch

@@ -40,12 +40,12 @@ def preserved(model: nn.Module, params: Sequence[torch.Tensor] = ()) -> Iterator
         for m, saved, registries in attributes:
             _restore_attributes(m, saved, registries)
         with torch.no_grad():
-            for p, saved in values:
-                if not torch.equal(p, saved):
-                    p.copy_(saved)
-            for t, saved in tensors.values():
-                if t.shape != saved.shape or t.dtype != saved.dtype or not torch.equal(t, saved):
-                    t.data = saved
+            for p, value in values:
+                if not torch.equal(p, value):
+                    p.copy_(value)
+            for t, value in tensors.values():
+                if t.shape != value.shape or t.dtype != value.dtype or not torch.equal(t, value):
+                    t.data = value
         for p, g, requires_grad in grads:
             if p.grad is not g:
                 p.grad = g

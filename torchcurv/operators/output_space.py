@@ -23,6 +23,7 @@ from torchcurv.operators.curvature import BatchLosses, CurvatureOperator, accumu
 from torchcurv.operators.functional import serialised_transforms
 from torchcurv.operators.jacobian import (
     JVP_METHODS,
+    JvpMethod,
     forward_with_graph,
     jvp_double_vjp,
     jvp_finite_difference,
@@ -82,7 +83,7 @@ class OutputSpaceOperator(CurvatureOperator):
         *,
         params: Iterable[torch.Tensor] | None = None,
         param_filter: str | Sequence[str] | None = None,
-        jvp: str = "forward",
+        jvp: JvpMethod = "forward",
         check_deterministic: bool = True,
         process_group: Any = None,
         distributed: bool | None = None,
@@ -155,6 +156,7 @@ class OutputSpaceOperator(CurvatureOperator):
         """The batch's output (with graph) and ``J V`` of shape ``(m, *output.shape)``."""
         if self.jvp == "finite_difference":
             # before the graph is recorded: in-place perturbations would invalidate it
+            assert product.origin is not None  # _new_product saves it for this method
             jv = jvp_finite_difference(
                 self.model, self.objective, batch, self.params, product.origin, blocks
             )
