@@ -4,8 +4,8 @@
 operator, with the same ``k``, ``which``, ``tol`` and seed, and tabulates what each found:
 converged pairs, agreement with the first backend, the largest relative residual
 ``||G v - l v|| / |l|`` (recomputed after the solve, so comparable across backends),
-operator-vector products and wall time. A backend that cannot run here (``cupy`` without
-CuPy or a GPU) gets a row saying why.
+operator-vector products and wall time. Only the backends that can run here are
+compared; the others (``cupy`` without CuPy or a GPU) are listed first with the reason.
 
 Run: python examples/compare_backends.py
 """
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import torchcurv
-from torchcurv.algorithms.eigsh import available_backends
+from torchcurv.algorithms.compare import runnable_backends
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 5)).double()
@@ -23,14 +23,17 @@ data = [(torch.randn(64, 20, dtype=torch.float64), torch.randint(0, 5, (64,))) f
 # eigenvalues are the same ones and every backend can be asked for them.
 G = torchcurv.GGNOperator(model, nn.CrossEntropyLoss(), data)
 print(f"GGN of a {G.n}-parameter MLP, float64, {G.device}")
-print(f"backends in this installation: {', '.join(available_backends())}")
+runnable, reasons = runnable_backends(G, which="LA")
+print(f"backends that can run here: {', '.join(runnable)}")
+for name, why in reasons.items():
+    print(f"  not {name}: {why}")
 
 # Power iteration converges linearly (rate l2/l1), so it is compared on the one job it
 # is used for, the top eigenvalue, below.
 print("\n6 largest eigenvalues, tol=1e-8:\n")
 top6 = torchcurv.compare_backends(
     G, k=6, which="LA", tol=1e-8,
-    backends=[b for b in available_backends() if b != "power"],
+    backends=[b for b in runnable if b != "power"],
 )
 print(top6)
 

@@ -11,7 +11,13 @@ Run: python examples/hf_tiny_gpt2_ggn.py
 """
 
 import torch
-import transformers
+
+try:
+    import transformers
+except ImportError:
+    # -c constraints.txt keeps the CPU torch: an unconstrained install may replace it
+    raise SystemExit("this example needs transformers; from the checkout: "
+                     "python3 -m pip install -c constraints.txt -e '.[hf]'") from None
 
 import torchcurv
 

@@ -10,8 +10,14 @@ Run: python examples/transformer_lens_attention.py
 """
 
 import torch
-import transformer_lens
-import transformer_lens.model_bridge.sources  # registers TransformerBridge.boot_native
+
+try:
+    import transformer_lens
+    import transformer_lens.model_bridge.sources  # registers TransformerBridge.boot_native
+except ImportError:
+    # -c constraints.txt keeps the CPU torch: transformer-lens asks for torch itself
+    raise SystemExit("this example needs transformer-lens; from the checkout: "
+                     "python3 -m pip install -c constraints.txt -e '.[hf]'") from None
 
 import torchcurv
 

@@ -6,8 +6,10 @@ reference and reports the relative error ``||A v - R v|| / ||R v||`` per probe:
 - ``"dense"``: the explicit matrix built by plain autograd (the ground truth);
 - ``"finite_difference"``: the same operator rebuilt with central differences
   (expect ~1e-7 to 1e-10 in float64: the differencing error, not a bug);
-- ``"curvlinops"``: the matching operator of curvlinops (``pip install
-  curvlinops-for-pytorch``).
+- ``"curvlinops"``: the matching operator of curvlinops, installed without its
+  dependencies (they replace a CPU torch by a CUDA one and pull a torchvision that does
+  not import): ``python3 -m pip install -c constraints.txt -e '.[curvlinops-deps]'`` then
+  ``python3 -m pip install --no-deps curvlinops-for-pytorch==3.0.1``.
 
 The LayerNorm rows show why the ground truth matters: torchcurv's Hessian agrees with
 plain autograd to machine precision, curvlinops' disagrees by several percent. curvlinops
@@ -17,8 +19,16 @@ through LayerNorm (torch 2.13; see docs/validation.md). Its GGN is right.
 Run: python examples/validate_against_curvlinops.py   (needs curvlinops)
 """
 
-import curvlinops
 import torch
+
+try:
+    import curvlinops
+except ImportError:
+    raise SystemExit(
+        "this example needs curvlinops, installed without its dependencies (they would "
+        "replace the CPU torch); from the checkout: python3 -m pip install -c "
+        "constraints.txt -e '.[curvlinops-deps]' && python3 -m pip install --no-deps "
+        "curvlinops-for-pytorch==3.0.1") from None
 from torch import nn
 
 import torchcurv

@@ -52,7 +52,7 @@ def test_a_backend_that_cannot_run_here_gets_a_row_with_its_reason(op):
 def test_options_reach_only_their_backend(op):
     table = torchcurv.compare_backends(op, k=2, backends=["arpack", "lobpcg"],
                                        options={"lobpcg": {"block_size": 4}})
-    assert table["lobpcg"].result.info["block_size"] == 4
+    assert table["lobpcg"].result.info.block_size == 4
     with pytest.raises(ValueError, match="not compared"):
         torchcurv.compare_backends(op, k=2, backends=["arpack"], options={"cupy": {}})
 
@@ -63,3 +63,16 @@ def test_arguments_no_backend_accepts_fail_before_anything_runs(op):
     with pytest.raises(ValueError, match="1 <= k < n"):
         torchcurv.compare_backends(op, k=48)
     assert op.num_matvecs == 0
+
+
+def test_runnable_backends_lists_only_what_runs_and_says_why_not_the_others(op):
+    names, reasons = torchcurv.runnable_backends(op, which="SM")
+    assert set(names) | set(reasons) == set(torchcurv.algorithms.eigsh.BACKENDS)
+    assert not set(names) & set(reasons)
+    assert "arpack" in names  # the one backend serving SM
+    assert "finds which in" in reasons["lanczos"] and "'SM'" in reasons["lanczos"]
+    if op.device.type == "cpu":
+        cupy_reason = torchcurv.runnable_backends(op, which="LA")[1]["cupy"]
+        assert "CUDA device" in cupy_reason and "cpu" in cupy_reason
+    table = torchcurv.compare_backends(op, k=2, which="SM", backends=names, tol=1e-8)
+    assert all(row.error is None for row in table.rows)

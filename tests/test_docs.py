@@ -80,3 +80,18 @@ def test_mkdocs_builds_strictly(tmp_path):
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_api_reference_lists_every_public_name_once_operators_first_errors_last():
+    page = (ROOT / "docs" / "api.md").read_text()
+    entries = re.findall(r"^::: torchcurv\.(\w+)$", page, re.MULTILINE)
+    public = set(torchcurv.__all__)
+    listed = [e for e in entries if e in public]
+    assert sorted(listed) == sorted(public), "add new public names to a section of api.md"
+    headings = re.findall(r"^## (.+)$", page, re.MULTILINE)
+    assert headings[:6] == ["Operators", "Objectives", "Adapters", "Algorithms", "Results",
+                            "Errors"]
+    assert listed[0] == "HessianOperator"
+    assert all(isinstance(getattr(torchcurv, n), type) and issubclass(getattr(torchcurv, n),
+                                                                      Exception)
+               for n in listed[-7:])

@@ -56,3 +56,24 @@ def test_probes_are_reproducible_and_options_checked():
         torchcurv.validate(op, "dense", probes=0)
     with pytest.raises(ValueError, match="shape"):
         torchcurv.validate(op, np.eye(op.n + 1))
+
+
+def test_the_report_gives_a_verdict_against_a_dtype_aware_tolerance():
+    model, criterion, data = case("mlp_tanh", "mse")
+    G = torchcurv.GGNOperator(model, criterion, data)
+    M = explicit_ggn(model, criterion, data)
+    eps64 = torch.finfo(torch.float64).eps
+    good = torchcurv.validate(G, M, probes=3)
+    assert good.rtol == 1000 * eps64 and good.passed()
+    assert str(good).startswith("PASS:") and f"rtol {good.rtol:.1e}" in str(good)
+    bad = torchcurv.validate(G, (1 + 1e-9) * M, probes=3)
+    assert not bad.passed() and str(bad).startswith("FAIL:")
+    assert torchcurv.validate(G, (1 + 1e-9) * M, probes=3, rtol=1e-8).passed()
+    fd = torchcurv.validate(G, "finite_difference", probes=2)
+    assert fd.rtol == pytest.approx(10 * eps64 ** (1 / 3)) and fd.passed()
+    # float32: the same product off by float32 rounding still passes
+    G32 = torchcurv.GGNOperator(model.float(), criterion, [(x.float(), y.float())
+                                                           for x, y in data])
+    r32 = torchcurv.validate(G32, M, probes=3)
+    assert r32.rtol == 1000 * torch.finfo(torch.float32).eps and r32.passed()
+    assert r32.max_error > 1e3 * eps64  # rounding a float64 tolerance would have failed

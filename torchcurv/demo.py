@@ -45,10 +45,12 @@ def trained_mlp(
 
 
 def demo_problem(
-    batch_size: int = 256, seed: int = 0, dtype=torch.float64, device: str = "cpu"
+    batch_size: int = 256, seed: int = 0, dtype=torch.float64, device: str = "cpu",
+    num_samples: int = 1024,
 ) -> tuple[nn.Module, nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """``(model, criterion, data)`` of the demo, on ``device`` in ``dtype``."""
-    X, y = synthetic_classification(seed=seed, dtype=dtype)
+    """``(model, criterion, data)`` of the demo, on ``device`` in ``dtype``: ``num_samples``
+    samples in batches of ``batch_size``."""
+    X, y = synthetic_classification(num_samples=num_samples, seed=seed, dtype=dtype)
     model = trained_mlp(X, y, seed=seed).to(device, dtype)
     data = [
         (X[i : i + batch_size].to(device), y[i : i + batch_size].to(device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,8 +10,12 @@ from typing import Any
 
 import torch
 
+from torchcurv.algorithms.arguments import Which
 from torchcurv.algorithms.eigsh import (
+    BACKENDS,
     SHARED_ARGUMENTS,
+    EigshBackend,
+    available_backends,
     backend_function,
     check_arguments,
     check_backend_options,
@@ -94,14 +99,14 @@ class BackendComparison:
             lines.append(f"{row.backend:<10} {conv:>6} {agree:>15} "
                          f"{row.max_relative_residual:>12.2e} {r.num_matvecs:>8} "
                          f"{r.wall_time:>9.3f}")
-        ran = [row for row in self.rows if row.result is not None]
+        ran = [(row.backend, row.result) for row in self.rows if row.result is not None]
         if ran:
             lines += ["", "eigenvalues (ascending):",
-                      "  i " + "".join(f"{row.backend:>22}" for row in ran)]
-            for i in range(max(len(row.result.eigenvalues) for row in ran)):
+                      "  i " + "".join(f"{backend:>22}" for backend, _ in ran)]
+            for i in range(max(len(result.eigenvalues) for _, result in ran)):
                 cells = "".join(
-                    f"{row.result.eigenvalues[i].item():>22.14g}"
-                    if i < len(row.result.eigenvalues) else f"{'':>22}" for row in ran)
+                    f"{result.eigenvalues[i].item():>22.14g}"
+                    if i < len(result.eigenvalues) else f"{'':>22}" for _, result in ran)
                 lines.append(f"{i:>3} {cells}")
         return "\n".join(lines)
 
@@ -135,11 +140,41 @@ def _check_comparison_options(
         check_arguments(op, k, which, tol, options["maxiter"], seed)
 
 
+def runnable_backends(op: Any, which: Which = "LA") -> tuple[list[str], dict[str, str]]:
+    """The backends that can run on ``op`` for ``which`` here, and why each other cannot.
+
+    :func:`~torchcurv.algorithms.eigsh.available_backends` lists what is installed; this
+    also asks for what a backend needs at call time (CuPy and a CUDA operator for
+    ``cupy``) and whether it serves ``which``, so a list for :func:`compare_backends`
+    holds no row that can only fail.
+
+    Returns:
+        ``(names, reasons)``: runnable names in :data:`BACKENDS` order, and
+        ``{name: why it cannot run}`` for every other known backend.
+    """
+    if not isinstance(op, LinearOperator):
+        op = from_linear_operator(op)
+    installed = available_backends()
+    names, reasons = [], {}
+    for name, spec in BACKENDS.items():
+        if name not in installed:
+            reasons[name] = f"not part of this installation (no module {spec.module})"
+        elif spec.which is not None and which not in spec.which:
+            reasons[name] = f"finds which in {spec.which}, not {which!r}"
+        elif name == "cupy" and op.device.type != "cuda":
+            reasons[name] = f"needs an operator on a CUDA device, this one is on {op.device}"
+        elif name == "cupy" and importlib.util.find_spec("cupy") is None:
+            reasons[name] = "needs CuPy: pip install 'torchcurv[cupy]'"
+        else:
+            names.append(name)
+    return names, reasons
+
+
 def compare_backends(
     op: Any,
     k: int = 6,
-    which: str = "LA",
-    backends: Sequence[str] = ("arpack", "lobpcg"),
+    which: Which = "LA",
+    backends: Sequence[EigshBackend] = ("arpack", "lobpcg"),
     tol: float = 1e-6,
     maxiter: int | None = None,
     seed: int | None = 0,
@@ -176,8 +211,8 @@ def compare_backends(
     unknown = set(options) - set(backends)
     if unknown:
         raise ValueError(f"options given for backends not compared: {sorted(unknown)}")
-    for name, opts in options.items():
-        _check_comparison_options(op, name, opts, k, which, tol, seed)
+    for given, opts in options.items():
+        _check_comparison_options(op, given, opts, k, which, tol, seed)
     results: dict[str, EigshResult | str] = {}
     for name in backends:
         # maxiter counts different things per backend (ARPACK restarts, LOBPCG
@@ -189,13 +224,14 @@ def compare_backends(
         except (MissingExtraError, ValueError) as e:
             results[name] = f"{type(e).__name__}: {e}"
     reference = next((n for n in backends if isinstance(results[n], EigshResult)), None)
+    ref = None if reference is None else results[reference]
     rows = []
     for name in backends:
         r = results[name]
         if isinstance(r, str):
             rows.append(BackendRow(name, None, r, math.nan, math.nan))
             continue
-        ref = results[reference]
+        assert isinstance(ref, EigshResult)  # r ran, so the reference did
         rows.append(BackendRow(name, r, None, _agreement(r.eigenvalues, ref.eigenvalues),
                                _max_relative_residual(r)))
     return BackendComparison(rows, reference)

@@ -11,18 +11,32 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from torchcurv.algorithms.arguments import (
+    WHICH,
+    Which,
+    check_k,
+    check_maxiter,
+    check_seed,
+    check_tol,
+    check_which,
+)
 from torchcurv.algorithms.result import EigshResult
 from torchcurv.distributed.reduce import reports_failures
 from torchcurv.interop.reverse import from_linear_operator
 from torchcurv.operators.base import LinearOperator
 
-WHICH = ("LA", "SA", "LM", "SM", "BE")
-"""Largest/smallest algebraic, largest/smallest magnitude, both ends (scipy's names)."""
+EigshBackend = Literal["arpack", "lobpcg", "cupy", "lanczos", "block", "power"]
+
+KRYLOV_WHICH: tuple[Which, ...] = ("LA", "SA", "LM", "BE")
+"""What the torch Lanczos backends find: smallest magnitude ('SM') is interior, which
+Krylov methods reach only through shift-invert."""
+
+POWER_WHICH: tuple[Which, ...] = ("LM",)
+"""Power iteration converges to the largest magnitude only."""
 
 SHARED_ARGUMENTS = ("k", "which", "tol", "maxiter", "seed", "return_eigenvectors")
 """Arguments of every backend, set by :func:`eigsh` itself, never as backend options."""
@@ -30,11 +44,12 @@ SHARED_ARGUMENTS = ("k", "which", "tol", "maxiter", "seed", "return_eigenvectors
 
 @dataclass(frozen=True)
 class Backend:
-    """Where a backend lives and which ``which`` it serves (``None``: it checks itself)."""
+    """Where a backend lives and which ``which`` it serves (the built-in backends' own
+    checks read it; ``None``: a plugged-in backend that checks itself)."""
 
     module: str
     function: str
-    which: tuple[str, ...] | None
+    which: tuple[Which, ...] | None
     summary: str
 
 
@@ -45,11 +60,11 @@ BACKENDS: dict[str, Backend] = {
                       "scipy LOBPCG on the host, block products"),
     "cupy": Backend("torchcurv.algorithms.cupy_lanczos", "cupy_eigsh", ("LA", "SA", "LM"),
                     "CuPy thick-restart Lanczos on the GPU, zero-copy"),
-    "lanczos": Backend("torchcurv.algorithms.lanczos", "lanczos_eigsh", None,
+    "lanczos": Backend("torchcurv.algorithms.lanczos", "lanczos_eigsh", KRYLOV_WHICH,
                        "torch restarted Lanczos on the operator's device"),
-    "block": Backend("torchcurv.algorithms.block", "block_eigsh", None,
+    "block": Backend("torchcurv.algorithms.block", "block_eigsh", KRYLOV_WHICH,
                      "torch block Krylov on the operator's device"),
-    "power": Backend("torchcurv.algorithms.power", "power_eigsh", None,
+    "power": Backend("torchcurv.algorithms.power", "power_eigsh", POWER_WHICH,
                      "torch power iteration on the operator's device"),
 }
 
@@ -81,12 +96,13 @@ def backend_function(name: str) -> Callable[..., EigshResult]:
 def eigsh(
     op: Any,
     k: int = 6,
-    which: str = "LA",
-    backend: str = "arpack",
+    which: Which | None = None,
+    backend: EigshBackend = "arpack",
     tol: float = 1e-6,
     maxiter: int | None = None,
     seed: int | None = None,
     return_eigenvectors: bool = True,
+    sigma: float | None = None,
     **backend_options: Any,
 ) -> EigshResult:
     """``k`` eigenpairs of a symmetric operator, by the backend of your choice.
@@ -97,17 +113,26 @@ def eigsh(
         k: number of eigenpairs, ``1 <= k < n``.
         which: 'LA' largest algebraic (default: the top of a Hessian's spectrum),
             'SA' smallest algebraic, 'LM'/'SM' largest/smallest magnitude, 'BE' half
-            from each end. Backends serve subsets: arpack all; cupy LA, SA, LM;
-            lobpcg LA, SA.
+            from each end. Backends serve subsets (:data:`BACKENDS`): arpack all;
+            lanczos and block all but SM; cupy LA, SA, LM; lobpcg LA, SA; power LM.
+            Default 'LA', and 'LM' with ``sigma``.
         backend: "arpack" (default), "lobpcg", "cupy", or the torch backends
             "lanczos", "block", "power" where installed (:func:`available_backends`).
         tol: relative residual asked for, ``||A v - lambda v|| <= tol * |lambda|``; the
-            result's ``converged`` flags check exactly this after the solve.
+            result's ``converged`` flags check exactly this after the solve. ``0`` means
+            machine precision (scipy's convention) of the precision the solve works in:
+            the operator's dtype (or a coarser ``basis_dtype``); ``result.tol`` is the
+            number used.
         maxiter: the backend's iteration limit (its own default when ``None``).
         seed: seed of the random start vector(s); the same seed gives the same run.
             ``None`` means 0 for every backend, so the start is the same on every rank
             of a distributed operator without any communication.
         return_eigenvectors: ``False`` returns eigenvalues only (residuals NaN).
+        sigma: shift-invert: the eigenvalues nearest ``sigma`` (``which='LM'``), through
+            inner MINRES solves of ``A - sigma I``; ``which`` then refers to
+            ``1 / (lambda - sigma)`` as in scipy's sigma mode; backends arpack, lanczos,
+            block; options ``solve_tol``, ``solve_maxiter``
+            (:func:`~torchcurv.algorithms.shift_invert.shift_invert_eigsh`).
         **backend_options: passed to the backend (e.g. ``ncv``, ``v0`` for arpack;
             ``block_size`` for lobpcg); unknown names are an error.
 
@@ -122,14 +147,21 @@ def eigsh(
 
     Raises:
         ValueError: bad ``k``/``which``/``tol``/``maxiter``/``backend``, a ``which`` the
-            backend does not serve, or ``sigma=`` (shift-invert is not offered).
+            backend does not serve, or ``sigma=`` with another backend.
         TypeError: an option the backend does not take.
     """
     if not isinstance(op, LinearOperator):
         op = from_linear_operator(op)
     fn = backend_function(backend)
+    which = ("LA" if sigma is None else "LM") if which is None else which
     check_arguments(op, k, which, tol, maxiter, seed)
-    _check_backend_serves(backend, which)
+    if sigma is not None:
+        from torchcurv.algorithms.shift_invert import shift_invert_eigsh
+
+        return shift_invert_eigsh(
+            op, sigma=sigma, backend=backend, k=k, which=which, tol=tol, maxiter=maxiter,
+            seed=seed, return_eigenvectors=return_eigenvectors, **backend_options)
+    check_backend_serves(backend, which)
     check_backend_options(backend, backend_options)
     return fn(op, k=k, which=which, tol=tol, maxiter=maxiter, seed=seed,
               return_eigenvectors=return_eigenvectors, **backend_options)
@@ -138,30 +170,19 @@ def eigsh(
 def check_arguments(
     op: LinearOperator, k: int, which: str, tol: float, maxiter: int | None, seed: int | None
 ) -> None:
-    """Raise a clear error for arguments no backend could accept."""
-    n = op.n
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k < n:
-        raise ValueError(
-            f"k={k} eigenpairs of an n={n} operator: need 1 <= k < n (ARPACK and Lanczos "
-            "need k < n; for all n eigenpairs use torch.linalg.eigh(op.to_dense()))"
-        )
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(
-            f"tol must be a positive relative tolerance, got {tol!r} (scipy's tol=0 for "
-            "'machine precision' has no relative meaning here; use e.g. 1e-12 in float64)"
-        )
-    if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int)
-                                or maxiter < 1):
-        raise ValueError(f"maxiter must be None or a positive int, got {maxiter!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be None or an int, got {seed!r}")
+    """Raise a clear error for arguments no backend could accept (the checks of
+    :mod:`~torchcurv.algorithms.arguments`, which every backend also runs)."""
+    check_k(k, op.n)
+    check_which(which)
+    check_tol(tol, op.dtype)
+    check_maxiter(maxiter, 1)
+    check_seed(seed)
 
 
-def _check_backend_serves(backend: str, which: str) -> None:
+def check_backend_serves(backend: str, which: str) -> Which:
+    """``which`` if backend ``backend`` finds it, else an error naming the ones that do
+    (the check every backend runs, also when called directly)."""
+    which = check_which(which)
     served = BACKENDS[backend].which
     if served is not None and which not in served:
         others = [b for b, s in BACKENDS.items() if s.which and which in s.which]
@@ -169,22 +190,12 @@ def _check_backend_serves(backend: str, which: str) -> None:
             f"backend {backend!r} finds which in {served}, not {which!r}; "
             f"backends for {which!r}: {', '.join(others)}"
         )
-
-
-_NO_SHIFT_INVERT = (
-    "shift-invert (sigma=) is not offered by torchcurv.eigsh: it needs solves with "
-    "A - sigma*I, which a curvature operator only gives by an inner iterative solve per "
-    "step. For eigenvalues near sigma, call scipy.sparse.linalg.eigsh("
-    "torchcurv.as_linear_operator(op), sigma=...) (scipy then runs GMRES inside), or use "
-    "which='LA'/'SA' for the ends of the spectrum"
-)
+    return which
 
 
 def check_backend_options(backend: str, options: dict[str, Any]) -> None:
     """Raise a clear error for options backend ``backend`` does not take, naming those it
-    does (``sigma=``: shift-invert is not offered)."""
-    if "sigma" in options:
-        raise ValueError(_NO_SHIFT_INVERT)
+    does."""
     params = inspect.signature(backend_function(backend)).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return

@@ -20,15 +20,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from torchcurv.algorithms.arguments import synchronized_clock
 from torchcurv.algorithms.krylov import KrylovBasis
-from torchcurv.algorithms.probing import DISTRIBUTIONS, ProbeSource, check_choice, check_operator
+from torchcurv.algorithms.plotting import finish_plot, plot_axes
+from torchcurv.algorithms.probing import (
+    DISTRIBUTIONS,
+    Distribution,
+    ProbeSource,
+    check_choice,
+    check_operator,
+)
 from torchcurv.distributed.reduce import common_seed, reports_failures
-from torchcurv.errors import MissingExtraError
 
 GRID_POINTS = 2001
 SIGMA_FRACTION = 0.005
@@ -101,8 +106,14 @@ class SpectralDensity:
             return mean, float("nan")
         return mean, float(per_probe.std() / math.sqrt(self.num_probes))
 
-    def plot(self, path_or_ax=None, *, title: str | None = None, show_nodes: bool = True):
+    def plot(self, path_or_ax=None, *, title: str | None = None, show_nodes: bool = True,
+             eigenvalues=None, eigenvalue_label: str = "eigenvalues found by eigsh",
+             model: str | None = None):
         """Draw the density with a logarithmic y-axis (outliers stay visible).
+
+        Below ``1e-8`` of the peak the curve is not drawn: there the Gaussian tails of
+        distant nodes, not the spectrum, set the value, and a line resting on the axis
+        floor would read as measured density.
 
         Args:
             path_or_ax: a file path (the figure is written there, e.g. ``.png``/``.pdf``,
@@ -110,21 +121,25 @@ class SpectralDensity:
                 ``None`` for a new figure (its ``Axes`` returned).
             title: optional axes title.
             show_nodes: mark the quadrature nodes carrying weight as a rug at the bottom.
+            eigenvalues: optional ``(k,)`` eigenvalues (e.g. ``EigshResult.eigenvalues``)
+                drawn as dashed vertical lines, so the density's outliers can be checked
+                against the solvers.
+            eigenvalue_label: legend entry of those lines.
+            model: named first in the caption under the title, which also states ``n``,
+                probes x steps and the smoothing width ``sigma`` (what a reader needs to
+                judge the picture).
         """
-        try:
-            from matplotlib.figure import Figure
-        except ImportError as err:
-            raise MissingExtraError("matplotlib", "plot", "SpectralDensity.plot") from err
-        if path_or_ax is None or isinstance(path_or_ax, (str, Path)):
-            fig = Figure(figsize=(6.0, 3.6), layout="constrained")
-            ax = fig.add_subplot()
-        else:
-            ax, fig = path_or_ax, None
+        ax = plot_axes(path_or_ax, "SpectralDensity.plot")
         peak = float(self.density.max())
         floor = peak * 1e-8 if peak > 0 else 1e-12
-        ax.plot(self.grid.numpy(), self.density.clamp_min(floor).numpy(), color="C0", lw=1.4)
-        ax.fill_between(self.grid.numpy(), floor, self.density.clamp_min(floor).numpy(),
+        shown = torch.where(self.density >= floor, self.density, torch.nan).numpy()
+        ax.plot(self.grid.numpy(), shown, color="C0", lw=1.4, label="SLQ density")
+        ax.fill_between(self.grid.numpy(), floor, shown, where=self.density.numpy() >= floor,
                         color="C0", alpha=0.15, lw=0)
+        if eigenvalues is not None:
+            for i, lam in enumerate(torch.as_tensor(eigenvalues).double().flatten().tolist()):
+                ax.axvline(lam, color="C2", ls="--", lw=1.0, alpha=0.8,
+                           label=eigenvalue_label if i == 0 else None)
         ax.set_yscale("log")
         ax.set_ylim(floor, peak * 3 if peak > 0 else 1.0)
         if self.log_scale:
@@ -134,18 +149,21 @@ class SpectralDensity:
             nodes = self.nodes[heavy].numpy()
             ax.plot(nodes, [floor * 2] * len(nodes), "|", color="C3", ms=8, alpha=0.6,
                     label="quadrature nodes")
-            ax.legend(loc="upper right", frameon=False, fontsize="small")
+        ax.legend(loc="upper right", frameon=False, fontsize="small")
         ax.set_xlabel("eigenvalue $\\lambda$" + (" (asinh scale)" if self.log_scale else ""))
         unit = "$d\\,\\mathrm{asinh}(\\lambda/w)$" if self.log_scale else "$d\\lambda$"
         ax.set_ylabel(f"spectral density (per {unit})")
         ax.grid(True, which="major", alpha=0.3)
-        ax.set_title(title if title is not None else
-                     f"SLQ: {self.num_probes} probes x {self.nodes.shape[1]} steps, "
-                     f"n = {self.n}", fontsize="medium")
-        if isinstance(path_or_ax, (str, Path)):
-            fig.savefig(path_or_ax, dpi=200)
-            return Path(path_or_ax)
-        return ax
+        caption = self.caption(model)
+        ax.set_title(caption if title is None else f"{title}\n{caption}", fontsize="small")
+        return finish_plot(ax, path_or_ax)
+
+    def caption(self, model: str | None = None) -> str:
+        """What the picture shows, two lines: model and ``n``; probes x steps, width."""
+        unit = " (asinh units)" if self.log_scale else ""
+        head = f"{model}, " if model else ""
+        return (f"{head}n = {self.n}\nSLQ {self.num_probes} probes x "
+                f"{self.nodes.shape[1]} steps, Gaussian width sigma = {self.sigma:.3g}{unit}")
 
     def __repr__(self) -> str:
         mean, err = self.moment(1)
@@ -168,7 +186,7 @@ def spectral_density(
     sigma: float | None = None,
     log_scale: bool = False,
     linear_width: float | None = None,
-    probe: str = "rademacher",
+    probe: Distribution = "rademacher",
     probes_per_matmat: int | None = None,
 ) -> SpectralDensity:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
@@ -218,7 +236,8 @@ def spectral_density(
     generator = torch.Generator().manual_seed(replacement_seed)
     begin = synchronized_clock(op.device)
     matvecs_before = op.num_matvecs
-    nodes, weights = [], []
+    node_list: list[torch.Tensor] = []
+    weight_list: list[torch.Tensor] = []
     for first in range(0, num_probes, group):
         b = min(group, num_probes - first)
         probes = source.draw(b).T
@@ -226,12 +245,12 @@ def spectral_density(
         kb = KrylovBasis(op, b, steps, generator=generator)
         kb.set_rows(0, probes[:, None, :])
         kb.extend(0, steps, 1)
-        negligible = NEGLIGIBLE_EPS * torch.finfo(kb.compute_dtype).eps * kb.anorm
+        negligible = NEGLIGIBLE_EPS * kb.working_eps * kb.anorm
         for T in kb.T:
             theta, weight = gauss_rule(T, negligible)
-            nodes.append(theta)
-            weights.append(weight)
-    nodes, weights = torch.stack(nodes), torch.stack(weights)
+            node_list.append(theta)
+            weight_list.append(weight)
+    nodes, weights = torch.stack(node_list), torch.stack(weight_list)
     num_matvecs = op.num_matvecs - matvecs_before
     wall_time = synchronized_clock(op.device) - begin
 

@@ -14,7 +14,7 @@ from torchcurv.validation.references import (
     finite_difference_reference,
     matrix_reference,
 )
-from torchcurv.validation.report import ValidationReport
+from torchcurv.validation.report import ValidationReport, default_rtol
 
 _NAMED = {
     "dense": dense_reference,
@@ -24,7 +24,8 @@ _NAMED = {
 
 
 def validate(
-    op: LinearOperator, against: str | Any = "dense", probes: int = 8, seed: int = 0
+    op: LinearOperator, against: str | Any = "dense", probes: int = 8, seed: int = 0,
+    rtol: float | None = None,
 ) -> ValidationReport:
     """Compare ``op``'s products with a reference on random probe vectors.
 
@@ -42,9 +43,14 @@ def validate(
         probes: number of standard-normal probe vectors (one block product each side).
         seed: seed of the probes (drawn on the CPU in float64, then cast to ``op``'s
             dtype and device).
+        rtol: the tolerance of the report's pass/fail verdict; default
+            :func:`~torchcurv.validation.report.default_rtol` of ``against`` and
+            ``op.dtype`` (1000 eps for exact references, ``10 eps^(1/3)`` for finite
+            differences), so a float32 operator is not failed for float32 rounding.
 
     Returns:
-        A :class:`ValidationReport` with one relative error per probe.
+        A :class:`ValidationReport` with one relative error per probe; ``print`` shows
+        PASS or FAIL against its ``rtol``.
     """
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive int, got {probes!r}")
@@ -68,7 +74,9 @@ def validate(
     diff = (ours - theirs).norm(dim=0)
     norm = theirs.norm(dim=0)
     errors = torch.where(norm > 0, diff / norm.clamp_min(torch.finfo(torch.float64).tiny), diff)
-    return ValidationReport(name, errors.cpu(), probes, seed, repr(op))
+    if rtol is None:
+        rtol = default_rtol(name, op.dtype)
+    return ValidationReport(name, errors.cpu(), probes, seed, repr(op), float(rtol))
 
 
 __all__ = ["ValidationReport", "dense_matrix", "validate"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+from torchcurv.operators.base import LinearOperator
 from torchcurv.operators.curvature import CurvatureOperator
 from torchcurv.operators.fisher import MCFisherOperator
 from torchcurv.operators.ggn import GGNOperator
@@ -20,7 +21,7 @@ from torchcurv.operators.model_guard import preserved
 from torchcurv.operators.output_space import OutputSpaceOperator
 
 
-def dense_matrix(op: CurvatureOperator, max_n: int = 5_000) -> torch.Tensor:
+def dense_matrix(op: LinearOperator, max_n: int = 5_000) -> torch.Tensor:
     """The ``(n, n)`` matrix ``op`` represents, computed without ``op``'s products.
 
     Supports :class:`HessianOperator` and the ``Jᵀ C J`` operators (GGN, empirical and
@@ -33,8 +34,7 @@ def dense_matrix(op: CurvatureOperator, max_n: int = 5_000) -> torch.Tensor:
     if not isinstance(op, (HessianOperator, OutputSpaceOperator)):
         raise TypeError(f"no dense reference is known for {type(op).__name__}")
     total = torch.zeros(op.n, op.n, dtype=op.dtype, device=op.device)
-    sampled = isinstance(op, MCFisherOperator)
-    if sampled:
+    if isinstance(op, MCFisherOperator):
         # draw from the same streams, in the same order, as a product does: the
         # operator's _batches switches to per-batch generators where it uses them
         op._rng = op.fresh_generator()
@@ -46,7 +46,7 @@ def dense_matrix(op: CurvatureOperator, max_n: int = 5_000) -> torch.Tensor:
                 else:
                     total += _batch_output_space(op, batch, scale)
     finally:
-        if sampled:
+        if isinstance(op, MCFisherOperator):
             op._rng = None
     return total
 

@@ -14,6 +14,7 @@ from torchcurv.operators.curvature import CurvatureOperator
 from torchcurv.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
 from torchcurv.operators.ggn import GGNOperator
 from torchcurv.operators.hessian import HessianOperator
+from torchcurv.operators.kfac import EKFACOperator, KFACOperator
 from torchcurv.operators.output_space import OutputSpaceOperator
 from torchcurv.validation.dense import dense_matrix
 
@@ -68,19 +69,22 @@ def curvlinops_reference(op: LinearOperator) -> Product:
             "validate(op, against='curvlinops') (install curvlinops-for-pytorch with "
             "--no-deps beside it)",
         ) from exc
-    kinds = {
+    kinds: dict[type[CurvatureOperator], Any] = {
         HessianOperator: curvlinops.HessianLinearOperator,
         GGNOperator: curvlinops.GGNLinearOperator,
         EmpiricalFisherOperator: curvlinops.EFLinearOperator,
         MCFisherOperator: curvlinops.FisherMCLinearOperator,
+        KFACOperator: curvlinops.KFACLinearOperator,
+        EKFACOperator: curvlinops.EKFACLinearOperator,
     }
-    if type(op) not in kinds:
+    if not isinstance(op, CurvatureOperator) or type(op) not in kinds:
         raise TypeError(f"curvlinops has no counterpart of {type(op).__name__}")
     criterion = op.objective.criterion
     if criterion is None or op.objective.targets is None:
         raise ValueError("curvlinops needs a torch criterion on (X, y) batches, not an Objective")
     extra: dict[str, Any] = {}
-    if isinstance(op, MCFisherOperator):
+    if isinstance(op, MCFisherOperator) or (
+            isinstance(op, KFACOperator) and op.fisher_type == "mc"):
         if op._state is not None:
             raise ValueError("curvlinops draws from a seed; build the operator with seed=")
         if op.per_batch_seeds:
@@ -89,6 +93,9 @@ def curvlinops_reference(op: LinearOperator) -> Product:
                 "per_batch_seeds=False"
             )
         extra = dict(seed=op.seed, mc_samples=op.mc_samples)
+    if isinstance(op, KFACOperator):  # docs/kfac.md: the same settings, the same matrix
+        extra.update(fisher_type=op.fisher_type, kfac_approx=op.kfac_approx,
+                     separate_weight_and_bias=op.separate_weight_and_bias)
     ref = kinds[type(op)](op.model, criterion, list(op.params), op.data,
                           check_deterministic=False, **extra)
     return lambda V: ref @ V
