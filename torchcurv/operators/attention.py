@@ -10,6 +10,13 @@ aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented`` 
 :func:`differentiable_attention`, which leaves only the math backend: plain matmuls and a
 softmax, differentiable to any order.
 
+With ``order="jvp"`` (products that need forward-mode AD and first-order backward only,
+as the GGN's ``jvp="forward"``), SDPA calls that the Triton kernel of
+:mod:`torchcurv.kernels.flash_attention` handles go there instead (CUDA with triton
+installed): exact like the math backend, but without the ``(T, T)`` matrix. The default
+``order="second"`` keeps the math backend for every call, because that kernel has no
+second derivatives.
+
 Attention that does not go through SDPA (the ``flash-attn`` package behind HuggingFace's
 ``"flash_attention_2"``, custom Triton kernels) is untouched by this and still fails
 second-order products; load such models with ``attn_implementation="eager"`` or ``"sdpa"``.
@@ -20,8 +27,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any, Literal, get_args
 
+import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+from torchcurv.kernels.flash_attention import flash_attention, unsupported_reason
+from torchcurv.kernels.triton_env import triton_installed, triton_interpreter_active
+
+AttentionOrder = Literal["second", "jvp"]
+ORDERS: tuple[AttentionOrder, ...] = get_args(AttentionOrder)
 
 # The flags are process-wide: products in several threads share one restriction, entered
 # by the first and lifted by the last, so that interleaved exits cannot restore a stale
@@ -29,11 +45,53 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _LOCK = threading.Lock()
 _ACTIVE: list[ExitStack] = []
 _DEPTH = 0
+# The orders of this thread's open blocks: the kernel serves an SDPA call only when every
+# one of them is "jvp" (an enclosing "second" block may differentiate it twice).
+_ORDERS = threading.local()
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+              "enable_gqa")
+
+
+class _FlashSdpa(TorchFunctionMode):
+    """Sends supported SDPA calls of this thread to the Triton kernel, others on unchanged
+    (to the math backend that the enclosing block leaves on)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA and all(order == "jvp" for order in _thread_orders()):
+            call: dict[str, Any] = dict(zip(_SDPA_ARGS, args), **kwargs)
+            if set(call) <= set(_SDPA_ARGS) and unsupported_reason(**call) is None:
+                call.pop("dropout_p", None)
+                return flash_attention(**call)
+        return func(*args, **kwargs)
+
+
+def _thread_orders() -> list[str]:
+    if not hasattr(_ORDERS, "stack"):
+        _ORDERS.stack = []
+    return _ORDERS.stack
+
+
+def _kernel_may_apply() -> bool:
+    # Without a device the kernel can run on, no mode is entered: the mode's Python hook
+    # would see every torch call of the product for nothing.
+    return triton_installed() and (torch.cuda.is_available() or triton_interpreter_active())
 
 
 @contextmanager
-def differentiable_attention() -> Iterator[None]:
+def differentiable_attention(order: AttentionOrder = "second") -> Iterator[None]:
     """Restrict SDPA to its math backend inside the block; restore the caller's choice after.
+
+    ``order="second"``: products may differentiate attention twice (the exact Hessian,
+    ``jvp="double_vjp"``), so every SDPA call takes the math backend. ``order="jvp"``:
+    they need at most forward-mode AD and a first-order backward (the GGN with
+    ``jvp="forward"``); this thread's SDPA calls that
+    :func:`~torchcurv.kernels.flash_attention.unsupported_reason` accepts (CUDA tensors,
+    triton installed; CPU tensors only under ``TRITON_INTERPRET=1``) run the Triton
+    kernel, the rest the math backend. A "jvp" block nested in a "second" one (or the
+    reverse) uses the math backend throughout. On a machine without CUDA both orders
+    behave alike.
 
     The backend flags are process-wide (not per thread), as for
     ``torch.nn.attention.sdpa_kernel`` itself, which this wraps: the backends enabled when
@@ -45,15 +103,24 @@ def differentiable_attention() -> Iterator[None]:
     memory during a product grows as ``T^2`` where a fused kernel would use ``O(T)``.
     """
     global _DEPTH
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     with _LOCK:
         if _DEPTH == 0:
             stack = ExitStack()
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             _ACTIVE.append(stack)
         _DEPTH += 1
+    orders = _thread_orders()
+    orders.append(order)
     try:
-        yield
+        if order == "jvp" and _kernel_may_apply():
+            with _FlashSdpa():
+                yield
+        else:
+            yield
     finally:
+        orders.pop()
         with _LOCK:
             _DEPTH -= 1
             if _DEPTH == 0:

@@ -1,37 +1,31 @@
 """What every model-based curvature operator shares: parameters, data, weighting, safety.
 
-Subclasses implement :meth:`CurvatureOperator._batch_matmat`, the product of one batch's
-curvature (already scaled to its share of the data set's loss) with per-parameter blocks.
-This class walks the data, sums the batch products, checks the loss for NaN/inf, and
-gives the model back untouched.
+A product goes ``_matmat`` (here: the SDPA restriction the derivative strategy needs,
+then the sharding: checkpoint, all-reduce) -> ``_local_matmat`` (the subclass: its
+derivative strategy, :mod:`torchcurv.derivatives`) -> :meth:`CurvatureOperator._walk_batches`
+(here: the walk over the data, each batch's product, already scaled to its share of the
+data set's loss, summed; the loss checked for NaN/inf; the model given back untouched).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from typing_extensions import Self, Unpack
 
 from torchcurv.data import check_reiterable, fingerprint, iterate, shapes
-from torchcurv.distributed.reduce import (
-    all_reduce_scalar,
-    all_reduce_sum,
-    assert_same_on_all_ranks,
-    checkpoint,
-    failures_reported,
-    is_distributed,
-    parameter_agreement,
-    rank_counts,
-)
+from torchcurv.distributed.sharding import sharding_for
 from torchcurv.dtypes import accumulation_dtype
 from torchcurv.errors import DataChangedError, NondeterminismError, NonFiniteLossError
 from torchcurv.objectives import Objective, as_objective
 from torchcurv.operators.attention import differentiable_attention
 from torchcurv.operators.base import ParameterOperator
+from torchcurv.operators.config import CurvatureConfig, CurvatureOptions, _short
 from torchcurv.operators.microbatch import (
     check_microbatch_size,
     refuse_batch_coupling,
@@ -40,7 +34,12 @@ from torchcurv.operators.microbatch import (
 from torchcurv.operators.model_guard import preserved
 from torchcurv.operators.params import select_parameters
 
+if TYPE_CHECKING:
+    from torchcurv.derivatives.base import Strategy
+
 Batch = Any
+BatchMatmat = Callable[["CurvatureOperator", Batch, "torch.Tensor | float", list[torch.Tensor]],
+                       tuple[torch.Tensor, list[torch.Tensor]]]
 
 _RANDOM_IN_TRAIN_MODE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                          nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -49,34 +48,12 @@ _RANDOM_IN_TRAIN_MODE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
 class CurvatureOperator(ParameterOperator):
     """Base of the operators built from ``(model, criterion, data)``.
 
-    Args:
-        model: the network; it is never modified (weights, buffers, ``.grad``, modes).
-        criterion: a torch loss module (``nn.CrossEntropyLoss()``, ...) applied to batches
-            ``(X, y)``, or an :class:`~torchcurv.Objective` for other batch layouts.
-        data: a re-iterable of batches (list, ``DataLoader``); not empty.
-        params: parameters to differentiate (default: all that require grad).
-        param_filter: glob(s) on parameter names selecting a subset.
-        check_deterministic: at construction, walk the data twice and evaluate the first
-            batch's loss twice; raise :class:`~torchcurv.NondeterminismError` if they
-            differ (shuffling loader, random augmentation, dropout). Also refuse models
-            with active dropout.
-        process_group: the ranks whose data shards make up the data set (default: the
-            default group when ``torch.distributed`` is initialised with more than one
-            rank; a ``DistributedDataParallel`` model brings its own). Each product is the
-            sum over ranks, taken with one all-reduce; every rank gets the same result.
-        distributed: ``None`` (auto, as above), ``True`` or ``False`` (stay local even
-            under torchrun).
-        debug_distributed: check on every product that all ranks multiply the same
-            vectors (one extra small all-reduce).
-        microbatch_size: split every batch into chunks of at most this many examples
-            (dim 0 of every tensor in the batch, dict batches too), each weighted by its
-            own loss-term count, to bound the memory of one product. The operator is the
-            same matrix (up to rounding; the Monte-Carlo Fisher draws other labels).
-            Refused for models that mix the examples of a batch (BatchNorm in train mode)
-            and for mean-reduced objectives without a ``weight``; with
-            ``check_deterministic``, the first splittable batch's loss is also checked to
-            be the weighted mean of its microbatches' losses. Microbatches without loss
-            terms (all targets padding) are skipped.
+    The constructor takes ``model, criterion, data`` and the keywords of
+    :class:`~torchcurv.operators.config.CurvatureConfig` (``params``, ``param_filter``,
+    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
+    ``microbatch_size``, ``max_memory``), whose docstring says what each means; subclasses
+    add their own (``method``, ``jvp``, ...). :attr:`config` gives them back and
+    :meth:`replace` builds the same operator with some of them changed.
 
     Vectors are always the full ``(n,)`` / ``(n, m)`` vectors over all selected
     parameters, identical on every rank, also for a model sharded with FSDP2
@@ -84,97 +61,117 @@ class CurvatureOperator(ParameterOperator):
     only :class:`~torchcurv.HessianOperator` with ``method="finite_difference"``
     supports FSDP2 models (docs/distributed.md).
 
-    Every product runs with SDPA restricted to its math backend
+    Products whose derivative strategy goes through the model's backward or pushes
+    tangents through it run with SDPA restricted to its math backend
     (:func:`~torchcurv.operators.attention.differentiable_attention`), the only one that
-    double backward and forward-mode AD go through. For float16 / bfloat16 models the
-    batch products are summed (and all-reduced) in float32 and rounded once at the end.
+    double backward and forward-mode AD go through; first-order strategies (finite
+    differences) keep the default backends. For float16 / bfloat16 models the batch
+    products are summed (and all-reduced) in float32 and rounded once at the end.
 
     Attributes:
+        config: the construction arguments (frozen).
+        sharding: how products are spread over ranks
+            (:mod:`torchcurv.distributed.sharding`); ``distributed``, ``fsdp`` and
+            ``process_group`` read from it.
+        derivative: the derivative strategy (:mod:`torchcurv.derivatives`), picked at
+            construction from ``method`` / ``jvp``; ``None`` where products are not
+            derivatives of the model (KFAC).
+        max_memory: ``config.max_memory``, the bytes one block product may use.
         batch_counts: number of batches on each rank of the group (``[len(data)]`` when
             local), known after construction.
         batch_offset: number of batches on lower ranks: this rank's batch ``i`` is batch
             ``batch_offset + i`` of the data set (the ranks' shards in rank order).
     """
 
+    config_type: ClassVar[type[CurvatureConfig]] = CurvatureConfig
+    derivative: Strategy | None = None
+
     def __init__(
         self,
         model: nn.Module,
         criterion: nn.Module | Objective,
         data: Iterable[Batch],
-        *,
-        params: Iterable[torch.Tensor] | None = None,
-        param_filter: str | Sequence[str] | None = None,
-        check_deterministic: bool = True,
-        process_group: Any = None,
-        distributed: bool | None = None,
-        debug_distributed: bool = False,
-        microbatch_size: int | None = None,
+        **options: Unpack[CurvatureOptions],
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            # Products run on the wrapped module: DDP's forward prepares its reducer and
-            # gradient hooks, which must neither fire nor double-count here.
-            process_group = process_group if process_group is not None else model.process_group
-            distributed = True if distributed is None else distributed
-            model = model.module
-        fsdp_group = _fsdp_group(model)
-        if fsdp_group is not None:
-            process_group = process_group if process_group is not None else fsdp_group
-            if distributed is False:
-                raise ValueError(
-                    "the model is sharded with FSDP2 (its parameters are DTensors), so its "
-                    "products need every rank: distributed=False is not possible"
-                )
-            distributed = True
-        self.fsdp = fsdp_group is not None
-        self.process_group = process_group
-        self.distributed = (
-            is_distributed(process_group) if distributed is None else bool(distributed)
-        )
-        if self.distributed and not is_distributed(process_group):
-            raise RuntimeError(
-                "distributed=True needs torch.distributed initialised with more than one rank"
-            )
-        self.debug_distributed = debug_distributed
+        self._build(CurvatureConfig.of(type(self).__name__, model, criterion, data, **options))
+
+    def _build(self, config: CurvatureConfig) -> None:
+        """Construct from ``config``; subclasses extend this, not ``__init__``, so that
+        :meth:`replace` reaches every class's checks."""
+        self._config = config
+        self.max_memory = config.max_memory
+        model, self.sharding = sharding_for(config.model, config.process_group,
+                                            config.distributed)
+        self.debug_distributed = config.debug_distributed
+        microbatch_size = config.microbatch_size
+        check_deterministic = config.check_deterministic
         # Distributed, each stage's local work runs under failures_reported and ends in
         # a collective (with its checkpoint), so that a rank failing anywhere in
         # construction makes the others raise at once instead of at the group's timeout.
         with self._stage(None):
             self.model = model
-            self.objective = as_objective(criterion)
-            self.param_names, self.params = select_parameters(model, params, param_filter)
-            if self.fsdp and not self._supports_fsdp():
-                raise TypeError(
-                    f"{type(self).__name__} does not support FSDP2-sharded models (double "
-                    "backward and forward-mode AD do not pass through fully_shard); use "
-                    "HessianOperator(..., method='finite_difference'), which needs only "
-                    "gradients"
-                )
+            self.objective = as_objective(config.criterion)
+            self.param_names, self.params = select_parameters(
+                model, config.params, config.param_filter)
+            self.sharding.check_derivative(type(self).__name__, self.derivative)
             super().__init__(self.params)
-            check_reiterable(data)
-            self.data = data
+            check_reiterable(config.data)
+            self.data = config.data
             check_microbatch_size(microbatch_size)
             self.microbatch_size = microbatch_size
             self._check_model_mode(strict=check_deterministic)
             if microbatch_size is not None:
                 self._check_splittable()
-        self._rank = dist.get_rank(process_group) if self.distributed else 0
-        if self.distributed:
-            parameter_agreement(type(self).__name__, self.param_names, self.params,
-                                compare_values=not self.fsdp, group=process_group)
+        self._rank = self.sharding.rank()
+        self.sharding.check_parameters(type(self).__name__, self.param_names, self.params)
         # per batch, the loss-term counts of its pieces (one piece without microbatching)
         self._batch_weights: list[list[float]] | None = None
         self.total_weight = self._total_weight(check_deterministic)
         if microbatch_size is not None and check_deterministic:
             with self._stage(self.device):
                 self._check_split_loss_matches()
-            if self.distributed:
-                checkpoint(self.device, process_group, what="the operator's construction")
+            self.sharding.checkpoint(self.device, what="the operator's construction")
+
+    # -- the configuration ---------------------------------------------------------
+    @property
+    def config(self) -> CurvatureConfig:
+        """The arguments this operator was built with (a frozen dataclass)."""
+        return self._config
+
+    def replace(self, **changes: Any) -> Self:
+        """A new operator of this class built from :attr:`config` with ``changes``, as
+        ``dataclasses.replace``: ``H.replace(method="finite_difference")`` is the same
+        matrix computed another way. Unknown names raise a ``TypeError`` listing the
+        fields. Construction runs again (its checks and passes over the data)."""
+        cls = type(self)
+        missing = _keywords_outside(cls, type(self._config))
+        if missing:
+            raise TypeError(
+                f"{cls.__name__}.replace cannot rebuild it: its configuration "
+                f"({type(self._config).__name__}) does not hold {missing}; build it anew"
+            )
+        config = self._config.replace(f"{cls.__name__}.replace", **changes)
+        return cls(config.model, config.criterion, config.data, **config.keywords())
+
+    @property
+    def process_group(self) -> Any:
+        return self.sharding.process_group
+
+    @property
+    def distributed(self) -> bool:
+        return self.sharding.distributed
+
+    @property
+    def fsdp(self) -> bool:
+        return self.sharding.fsdp
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={_short(v)}" for k, v in self._config.changed().items())
+        return f"{type(self).__name__}({fields})"
 
     def _stage(self, device: torch.device | None):
         """Report a failure of this rank's local work to the other ranks (distributed)."""
-        return failures_reported(device, self.process_group, active=self.distributed)
+        return self.sharding.stage(device)
 
     # -- construction-time checks --------------------------------------------------
     def _check_model_mode(self, strict: bool) -> None:
@@ -222,22 +219,11 @@ class CurvatureOperator(ParameterOperator):
             if not counts and not self.distributed:
                 raise ValueError("data is empty: it yielded no batch")
             weights = [[float(w) for w in ws] for ws in counts]
-        total = float(sum(sum(ws) for ws in weights))
         # this rank's loss-term count, which every later pass over the data must see again
-        self._local_weight = total
-        self.batch_counts, self.batch_offset = [len(weights)], 0
-        if self.distributed:  # the data set is the union of the ranks' shards
-            total = all_reduce_scalar(total, self.device, self.process_group)
-            self.batch_counts = rank_counts(len(weights), self.device, self.process_group)
-            if sum(self.batch_counts) == 0:
-                raise ValueError("data is empty on every rank: no batch anywhere")
-            self.batch_offset = sum(self.batch_counts[:dist.get_rank(self.process_group)])
-            if self.fsdp and min(self.batch_counts) == 0:
-                raise ValueError(
-                    f"batches per rank are {self.batch_counts}: with an FSDP2 model every "
-                    "rank needs at least one batch (its forward and backward passes are "
-                    "collectives)"
-                )
+        self._local_weight = float(sum(sum(ws) for ws in weights))
+        # distributed, the data set is the union of the ranks' shards
+        total, self.batch_counts, self.batch_offset = self.sharding.data_set(
+            self._local_weight, len(weights), self.device)
         if total <= 0:
             raise ValueError(
                 f"the data set has {total} loss terms (all targets ignored?); nothing to "
@@ -246,9 +232,7 @@ class CurvatureOperator(ParameterOperator):
         if check:
             with self._stage(self.device):
                 self._check_repeatable(weights, prints)
-            if self.distributed:
-                checkpoint(self.device, self.process_group,
-                           what="the operator's construction checks")
+            self.sharding.checkpoint(self.device, what="the operator's construction checks")
         return total
 
     def _check_repeatable(self, weights: list[list[float]], prints: list[tuple]) -> None:
@@ -287,12 +271,7 @@ class CurvatureOperator(ParameterOperator):
             )
 
     def _check_splittable(self) -> None:
-        if self.fsdp:
-            raise ValueError(
-                "microbatch_size is not supported for FSDP2-sharded models: every rank must "
-                "join the same number of FSDP passes, which microbatches of unequal "
-                "batches would break; split the batches in the data loader instead"
-            )
+        self.sharding.check_microbatching()
         refuse_batch_coupling(self.model)
         if self.objective.reduction == "mean" and self.objective.weight is None:
             raise ValueError(
@@ -336,14 +315,6 @@ class CurvatureOperator(ParameterOperator):
         Returns the batch's (unscaled) loss, for the NaN check, and the products.
         """
         raise NotImplementedError
-
-    def _perturbed_params(self) -> Sequence[torch.Tensor]:
-        """Parameters a product perturbs in place (restored afterwards)."""
-        return ()
-
-    def _supports_fsdp(self) -> bool:
-        """Whether products work on an FSDP2-sharded model (set before ``__init__``)."""
-        return False
 
     def _batches(self):
         """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum').
@@ -419,49 +390,32 @@ class CurvatureOperator(ParameterOperator):
         # float64 so that int counts divided by the total lose nothing
         return w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
 
-    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
-        """This process's share of ``A @ V`` (in :func:`accumulation_dtype`) and the
-        batch losses it saw."""
+    def _walk_batches(self, V: torch.Tensor, batch_matmat: BatchMatmat
+              ) -> tuple[torch.Tensor, BatchLosses]:
+        """``sum_b batch_matmat(self, batch_b, scale_b, blocks)`` over this process's
+        batches (in :func:`accumulation_dtype`) and the batch losses it saw, with the
+        model given back bit-identical."""
         blocks = self._split_block(V)
         total = torch.zeros_like(V, dtype=accumulation_dtype(V.dtype))
         losses = BatchLosses()
-        with preserved(self.model, self._perturbed_params()):
+        with preserved(self.model):
             for i, batch, scale in self._batches():
-                loss, out = self._batch_matmat(batch, scale, blocks)
+                loss, out = batch_matmat(self, batch, scale, blocks)
                 losses.add(i, loss)
                 total.add_(self._join_block(out))
         return total, losses
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        with differentiable_attention():
-            if not self.distributed:
-                out, losses = self._local_matmat(V)
-                losses.raise_if_not_finite()
-                return out.to(self.dtype)
-            return self._distributed_matmat(V)
+    def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
+        """This process's share of ``A @ V`` (in :func:`accumulation_dtype`) and the
+        batch losses it saw."""
+        raise NotImplementedError
 
-    def _distributed_matmat(self, V: torch.Tensor) -> torch.Tensor:
-        group = self.process_group
-        if self.debug_distributed:
-            assert_same_on_all_ranks(V, group)
-        # Whatever this rank raises (BaseException), it joins the product's checkpoint
-        # with a failure flag, so the others raise too and the next product pairs up.
-        # FSDP's reduce-scatter has already summed the ranks' gradients, so only the
-        # checkpoint travels; a rank failing inside FSDP's own collectives cannot flag
-        # it: the others then raise when the process group's timeout expires.
-        with self._stage(self.device):
-            out, losses = self._local_matmat(V)
-            bad = losses.nonfinite_batches()
-        reached = checkpoint(self.device, group, nonfinite=len(bad),
-                             what="this curvature product")
-        if reached.nonfinite:
-            losses.raise_if_not_finite()
-            raise NonFiniteLossError(
-                f"the loss is not finite on {reached.nonfinite} batch(es) of other ranks"
-            )
-        if self.fsdp:
-            return out.to(self.dtype)
-        return all_reduce_sum(out, group, checkpointed=True).to(self.dtype)
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        attention = (differentiable_attention() if self.derivative is None
+                     else self.derivative.attention())
+        with attention:
+            return self.sharding.matmat(self._local_matmat, V, self.device,
+                                        self.debug_distributed).to(self.dtype)
 
 
 class BatchLosses:
@@ -496,19 +450,18 @@ class BatchLosses:
             )
 
 
-def _fsdp_group(model: nn.Module) -> Any:
-    """The process group an FSDP2 (``fully_shard``) model is sharded over, else ``None``."""
-    if not dist.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    meshes = {id(p.device_mesh): p.device_mesh for p in model.parameters()
-              if isinstance(p, DTensor)}
-    if not meshes:
-        return None
-    if len(meshes) > 1 or next(iter(meshes.values())).ndim != 1:
-        raise ValueError(
-            "torchcurv supports FSDP2 models sharded over one 1-D device mesh (not HSDP or "
-            "tensor parallelism)"
-        )
-    return next(iter(meshes.values())).get_group()
+def _keywords_outside(cls: type, config_type: type[CurvatureConfig]) -> list[str]:
+    """The keywords of ``cls``'s constructors (down to :class:`CurvatureOperator`) that
+    ``config_type`` has no field for: a subclass that keeps its own arguments outside the
+    configuration, which :meth:`CurvatureOperator.replace` cannot rebuild."""
+    fields = set(config_type.field_names())
+    missing: list[str] = []
+    for klass in cls.__mro__:
+        if klass is CurvatureOperator:
+            break
+        if not issubclass(klass, CurvatureOperator) or "__init__" not in vars(klass):
+            continue
+        for name, p in inspect.signature(vars(klass)["__init__"]).parameters.items():
+            if p.kind is p.KEYWORD_ONLY and name not in fields and name not in missing:
+                missing.append(name)
+    return missing

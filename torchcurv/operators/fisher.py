@@ -16,11 +16,12 @@ its expectation is the GGN also then; BCE targets need not be binary.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from torchcurv.losses.fisher import (
     SAMPLEABLE,
@@ -28,6 +29,12 @@ from torchcurv.losses.fisher import (
     monte_carlo_fisher_factors,
 )
 from torchcurv.objectives import Objective
+from torchcurv.operators.config import (
+    CurvatureConfig,
+    CurvatureOptions,
+    MCFisherConfig,
+    snapshot,
+)
 from torchcurv.operators.jacobian import JvpMethod
 from torchcurv.operators.output_space import OutputSpaceOperator, ProductState
 
@@ -42,10 +49,7 @@ class EmpiricalFisherOperator(OutputSpaceOperator):
     :class:`~torchcurv.GGNOperator`). Works with any criterion or
     :class:`~torchcurv.Objective` whose batch loss is a sum over samples.
 
-    Arguments (``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
-    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
-    ``microbatch_size``):
-    as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    Arguments: as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
 
     Example:
         For a linear model ``f(x) = w·x`` under ``MSELoss`` over ``N`` examples, sample
@@ -136,9 +140,8 @@ class MCFisherOperator(SeededDraws, OutputSpaceOperator):
     equals the single-process one with ``per_batch_seeds=True`` on the concatenated
     shards, and no two batches anywhere share draws.
 
-    ``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
-    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
-    ``microbatch_size``: as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    Takes the arguments of :class:`~torchcurv.operators.output_space.OutputSpaceOperator`
+    and those under Args below.
 
     Example:
         For a linear model ``f(x) = w·x`` under ``MSELoss`` over ``N`` examples the
@@ -166,35 +169,34 @@ class MCFisherOperator(SeededDraws, OutputSpaceOperator):
             index; default ``True`` when distributed, else ``False``.
     """
 
+    config_type = MCFisherConfig
+
     def __init__(
         self,
         model: nn.Module,
         criterion: nn.Module | Objective,
         data: Iterable[Batch],
         *,
-        params: Iterable[torch.Tensor] | None = None,
-        param_filter: str | Sequence[str] | None = None,
         mc_samples: int = 1,
         seed: int = 0,
         generator: torch.Generator | None = None,
-        jvp: JvpMethod = "forward",
-        check_deterministic: bool = True,
-        process_group: Any = None,
-        distributed: bool | None = None,
-        debug_distributed: bool = False,
-        microbatch_size: int | None = None,
         per_batch_seeds: bool | None = None,
+        jvp: JvpMethod = "forward",
+        **options: Unpack[CurvatureOptions],
     ) -> None:
+        self._build(MCFisherConfig.of(
+            type(self).__name__, model, criterion, data, mc_samples=mc_samples, seed=seed,
+            generator=snapshot(generator), per_batch_seeds=per_batch_seeds, jvp=jvp,
+            **options))
+
+    def _build(self, config: CurvatureConfig) -> None:
+        assert isinstance(config, MCFisherConfig)
+        mc_samples = config.mc_samples
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
         self.mc_samples = mc_samples
-        self.seed = int(seed)
-        super().__init__(
-            model, criterion, data, params=params, param_filter=param_filter, jvp=jvp,
-            check_deterministic=check_deterministic, process_group=process_group,
-            distributed=distributed, debug_distributed=debug_distributed,
-            microbatch_size=microbatch_size,
-        )
+        self.seed = int(config.seed)
+        super()._build(config)
         crit = self.objective.criterion
         if not isinstance(crit, SAMPLEABLE) or self.objective.targets is None:
             raise TypeError(
@@ -202,7 +204,7 @@ class MCFisherOperator(SeededDraws, OutputSpaceOperator):
                 f"distribution ({[c.__name__ for c in SAMPLEABLE]}), got "
                 f"{type(crit).__name__ if crit is not None else 'an Objective without one'}"
             )
-        self._init_draws(generator, per_batch_seeds)
+        self._init_draws(config.generator, config.per_batch_seeds)
         # Only for torchcurv.validation.dense, which draws a product's labels outside a
         # product by setting it and walking _batches; products never read or write it
         # (theirs travels in their ProductState).

@@ -29,10 +29,7 @@ class GGNOperator(OutputSpaceOperator):
     For ``m = 1`` that is about two gradients' worth with ``"forward"`` and
     ``"finite_difference"``, three with ``"double_vjp"``.
 
-    Arguments (``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
-    ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
-    ``microbatch_size``):
-    as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
+    Arguments: as for :class:`~torchcurv.operators.output_space.OutputSpaceOperator`.
 
     Example:
         For ``f(x) = tanh(w·x)`` under ``MSELoss`` over ``N`` examples, ``J_i = d_i x_iᵀ``

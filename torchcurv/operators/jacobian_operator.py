@@ -8,18 +8,17 @@ check that walk makes (changed data, the model given back bit-identical).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Self, Unpack
 
 from torchcurv.dtypes import accumulation_dtype
 from torchcurv.errors import DataChangedError
 from torchcurv.objectives import Objective
-from torchcurv.operators.attention import differentiable_attention
-from torchcurv.operators.functional import serialised_transforms
+from torchcurv.operators.config import CurvatureOptions, OutputSpaceConfig
 from torchcurv.operators.ggn import GGNOperator
 from torchcurv.operators.jacobian import JvpMethod, forward_with_graph, vjp_batched
 from torchcurv.operators.model_guard import preserved
@@ -48,10 +47,11 @@ class JacobianOperator(RectangularOperator):
       block-diagonal matrix of the batches' loss Hessians in their outputs, each scaled
       by the batch's share of the data set's loss.
 
-    Arguments ``model``, ``criterion``, ``data``, ``params``, ``param_filter``, ``jvp``,
-    ``check_deterministic``: as for :class:`~torchcurv.GGNOperator`. ``J`` is the
-    Jacobian of this process's data: under ``torch.distributed`` each rank has its own
-    rows (no collective runs).
+    Arguments: as for :class:`~torchcurv.GGNOperator`. ``J`` is the Jacobian of this
+    process's data: under ``torch.distributed`` each rank has its own rows (no collective
+    runs), so ``distributed`` must stay ``False`` (its default here) and
+    ``process_group`` / ``debug_distributed`` unset. :attr:`config` and :meth:`replace`
+    are the :attr:`ggn`'s.
 
     Attributes:
         ggn: the :class:`~torchcurv.GGNOperator` of the same model, criterion, data and
@@ -67,23 +67,43 @@ class JacobianOperator(RectangularOperator):
         criterion: nn.Module | Objective,
         data: Iterable[Batch],
         *,
-        params: Iterable[torch.Tensor] | None = None,
-        param_filter: str | Sequence[str] | None = None,
         jvp: JvpMethod = "forward",
-        check_deterministic: bool = True,
+        **options: Unpack[CurvatureOptions],
     ) -> None:
-        self.ggn = GGNOperator(model, criterion, data, params=params, param_filter=param_filter,
-                               jvp=jvp, check_deterministic=check_deterministic,
-                               distributed=False)
+        for name in ("distributed", "process_group", "debug_distributed"):
+            if options.get(name) not in (None, False):
+                raise ValueError(
+                    f"JacobianOperator is the Jacobian of this process's data, it runs no "
+                    f"collective: {name}={options.get(name)!r} is not possible"
+                )
+        options["distributed"] = False
+        self.ggn = GGNOperator(model, criterion, data, jvp=jvp, **options)
         g = self.ggn
-        # one no-grad pass learns each batch's output shape (the rows of J)
-        with differentiable_attention(), preserved(g.model), torch.no_grad():
+        # one no-grad pass learns each batch's output shape (the rows of J); first-order,
+        # so SDPA keeps its default backends
+        with preserved(g.model), torch.no_grad():
             self.output_shapes = [tuple(g.objective.forward(g.model, batch).shape)
                                   for _, batch, _ in g._batches()]
         self._sizes = [int(torch.Size(s).numel()) for s in self.output_shapes]
         self.outputs = sum(self._sizes)
         self.n = g.n
         super().__init__(self.outputs, g.n, g.dtype, g.device)
+
+    @property
+    def config(self) -> OutputSpaceConfig:
+        """The arguments this operator was built with (its :attr:`ggn`'s)."""
+        config = self.ggn.config
+        assert isinstance(config, OutputSpaceConfig)
+        return config
+
+    def replace(self, **changes: Any) -> Self:
+        """A new ``JacobianOperator`` from :attr:`config` with ``changes``, as
+        ``dataclasses.replace`` (unknown names raise a ``TypeError`` listing the fields)."""
+        config = self.config.replace("JacobianOperator.replace", **changes)
+        return type(self)(config.model, config.criterion, config.data, **config.keywords())
+
+    def __repr__(self) -> str:
+        return repr(self.ggn).replace("GGNOperator", type(self).__name__, 1)
 
     def _checked(self, i: int, output: torch.Tensor) -> torch.Tensor:
         if tuple(output.shape[-len(self.output_shapes[i]):]) != self.output_shapes[i]:
@@ -95,15 +115,15 @@ class JacobianOperator(RectangularOperator):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         g = self.ggn
+        strategy = g.derivative
         product = g._new_product()
         blocks = g._split_block(V)
         m = V.shape[1]
         pieces = []
-        lock = serialised_transforms() if g.jvp == "forward" else nullcontext()
-        with differentiable_attention(), lock, preserved(g.model, g._perturbed_params()):
+        with strategy.attention(), strategy.serialised(), preserved(g.model):
             for i, batch, _ in g._batches():
                 g._enter_batch(product, i)
-                _, jv = g._jacobian_block(batch, blocks, product)
+                _, jv = strategy.jacobian_block(g, batch, blocks, product)
                 pieces.append(self._checked(i, jv).reshape(m, -1))
         return torch.cat(pieces, dim=1).T.to(self.dtype)
 
@@ -112,7 +132,8 @@ class JacobianOperator(RectangularOperator):
         m = W.shape[1]
         total = torch.zeros(g.n, m, dtype=accumulation_dtype(W.dtype), device=W.device)
         rows = W.split(self._sizes, dim=0)
-        with differentiable_attention(), preserved(g.model):
+        # first order (one forward with graph, one backward): default SDPA backends
+        with preserved(g.model):
             for i, batch, _ in g._batches():
                 output = self._checked(i, forward_with_graph(g.model, g.objective, batch))
                 cotangents = rows[i].T.reshape(m, *output.shape).to(output.dtype)

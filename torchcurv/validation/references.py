@@ -38,25 +38,10 @@ def finite_difference_reference(op: LinearOperator) -> Product:
 
 
 def rebuild(op: CurvatureOperator, **changes: Any) -> CurvatureOperator:
-    """A new operator of ``op``'s class with every constructor argument ``op`` was built
-    with, except ``changes``: the same matrix, so a reference differs only in how its
-    products are computed. Checks already passed on ``op`` are not repeated."""
-    config: dict[str, Any] = dict(
-        params=op.params, check_deterministic=False, process_group=op.process_group,
-        distributed=op.distributed, debug_distributed=op.debug_distributed,
-        microbatch_size=op.microbatch_size,
-    )
-    if isinstance(op, HessianOperator):
-        config["method"] = op.method
-    if isinstance(op, OutputSpaceOperator):
-        config["jvp"] = op.jvp
-    if isinstance(op, MCFisherOperator):
-        config.update(mc_samples=op.mc_samples, seed=op.seed,
-                      per_batch_seeds=op.per_batch_seeds)
-        if op._state is not None:  # built from a generator: give one in the same state
-            config["generator"] = op.fresh_generator()
-    config.update(changes)
-    return type(op)(op.model, op.objective, op.data, **config)
+    """``op.replace(**changes)`` without repeating the construction checks already passed
+    on ``op``: the same matrix, so a reference differs only in how its products are
+    computed."""
+    return op.replace(check_deterministic=False, **changes)
 
 
 def curvlinops_reference(op: LinearOperator) -> Product:

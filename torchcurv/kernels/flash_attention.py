@@ -1,0 +1,287 @@
+"""Flash-style attention with the derivatives an exact GGN product needs, as SDPA computes it.
+
+``flash_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)`` equals
+``torch.nn.functional.scaled_dot_product_attention`` (math backend, no dropout) and is
+differentiable once in reverse mode and once in forward mode, through ``torch.func``
+transforms included, without a ``(T, T)`` matrix in memory:
+
+* forward: the online softmax keeps only the rows' log-sum-exp;
+* backward: recomputes each tile of ``P`` from it (two kernels: ``dK, dV`` over key tiles,
+  ``dQ`` over query tiles);
+* JVP (the :class:`torch.autograd.Function` ``jvp`` rule): ``Ȯ = Ṗ V + P V̇`` with
+  ``Ṗ = P ∘ (Ṡ - rowsum(P ∘ Ṡ))`` and ``Ṡ = scale (Q̇ Kᵀ + Q K̇ᵀ)``, tile by tile from the
+  saved log-sum-exp;
+* ``vmap``: a vmapped block of tangents or cotangents is folded into the batch axis and
+  runs as one launch that reads one copy of the primals (``torch.func.jvp`` under
+  ``vmap``, as the GGN's ``jvp="forward"`` products run it).
+
+Second derivatives (the exact Hessian's double backward, forward-over-reverse) are not
+implemented: differentiating the backward or pushing tangents through it raises. That is
+why :func:`torchcurv.operators.attention.differentiable_attention` routes SDPA here only
+under ``order="jvp"``.
+
+Memory: the output, ``lse`` (``B * H * T`` floats) and, in the backward, float32 ``dQ, dK,
+dV`` per query head (GQA groups are summed after). Boolean or additive masks are read
+tile by tile through broadcast (stride 0) views, never copied. The kernels are in
+:mod:`torchcurv.kernels.flash_attention_triton` (CUDA; on CPU tensors only under
+triton's interpreter, ``TRITON_INTERPRET=1``, which the tests use).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from torchcurv.errors import OperatorInputError
+from torchcurv.kernels.triton_env import triton_installed, triton_interpreter_active
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 128
+
+
+def _kernels() -> Any:
+    # Imported on first use: importing triton costs seconds and needs it installed.
+    from torchcurv.kernels import flash_attention_triton
+
+    return flash_attention_triton
+
+
+def unsupported_reason(query: Any, key: Any, value: Any, attn_mask: Any = None,
+                       dropout_p: float = 0.0, is_causal: bool = False,
+                       scale: float | None = None, enable_gqa: bool = False) -> str | None:
+    """Why :func:`flash_attention` cannot compute this SDPA call (``None``: it can).
+
+    Takes SDPA's arguments. Needs triton; 4-D CUDA tensors ``(B, H, T, D)`` (CPU ones only
+    under the interpreter) of one dtype among float16/bfloat16/float32/float64; head
+    dims at most 128; ``K, V`` with ``H`` heads or, with ``enable_gqa``, a divisor of it;
+    no dropout; no mask together with ``is_causal`` (SDPA rejects that too); a boolean or
+    query-dtype mask that broadcasts to ``(B, H, Tq, Tk)`` and carries no gradient.
+    """
+    if not triton_installed():
+        return "triton is not installed"
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return "query, key and value must be tensors"
+    if any(t.ndim != 4 for t in tensors):
+        return "query, key and value must be 4-D (batch, heads, tokens, head_dim)"
+    device = query.device
+    if any(t.device != device for t in tensors):
+        return "query, key and value must be on one device"
+    if not (device.type == "cuda" or (device.type == "cpu" and triton_interpreter_active())):
+        return "the kernel runs on CUDA tensors (CPU ones only under TRITON_INTERPRET=1)"
+    if query.dtype not in SUPPORTED_DTYPES or any(t.dtype != query.dtype for t in tensors):
+        return f"query, key and value need one dtype among {SUPPORTED_DTYPES}"
+    (b, h, tq, d), (bk, hk, tk, dk), (bv, hv, tv, dv) = query.shape, key.shape, value.shape
+    if not (b == bk == bv and hk == hv and tk == tv and dk == d):
+        return "key and value must match query's batch and head_dim and each other's shape"
+    if max(d, dv) > MAX_HEAD_DIM or min(d, dv) == 0:
+        return f"head dims must be between 1 and {MAX_HEAD_DIM}"
+    if hk != h and not (enable_gqa and hk > 0 and h % hk == 0):
+        return "key/value heads differ from query heads (GQA needs enable_gqa=True)"
+    if dropout_p != 0.0:
+        return "dropout is not supported"
+    if scale is not None and not isinstance(scale, (int, float)):
+        return "scale must be a number"
+    if attn_mask is not None:
+        if is_causal:
+            return "attn_mask and is_causal together"
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.device != device:
+            return "attn_mask must be a tensor on the inputs' device"
+        if attn_mask.dtype not in (torch.bool, query.dtype):
+            return "attn_mask must be boolean or of the query's dtype"
+        if attn_mask.requires_grad:
+            return "attn_mask requires grad (its gradient is not computed)"
+        try:
+            shape = torch.broadcast_shapes(attn_mask.shape, (b, h, tq, tk))
+        except RuntimeError:
+            shape = None
+        if attn_mask.ndim > 4 or shape != (b, h, tq, tk):
+            return (f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                    f"{(b, h, tq, tk)}")
+    return None
+
+
+def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention`` without dropout, by the Triton kernels.
+
+    Args:
+        query: ``(B, H, Tq, D)``. key: ``(B, Hkv, Tk, D)``. value: ``(B, Hkv, Tk, Dv)``,
+            ``Hkv = H`` or, with ``enable_gqa``, a divisor of ``H`` (query head ``h``
+            attends with key/value head ``h // (H / Hkv)``, as SDPA's GQA does).
+        attn_mask: ``None``, boolean (``True`` = attend) or additive (query's dtype),
+            broadcastable to ``(B, H, Tq, Tk)``.
+        is_causal: key ``j`` visible from query ``i`` iff ``j <= i`` (SDPA's top-left
+            alignment).
+        scale: ``None`` for ``1 / sqrt(D)``.
+
+    Returns:
+        ``(B, H, Tq, Dv)`` in the inputs' dtype. Rows whose keys are all masked are zero,
+        as in math SDPA. Cost: ``~4 B H Tq Tk D`` flops forward (half that with
+        ``is_causal``), about twice that backward and as much again for a JVP.
+
+    Raises:
+        OperatorInputError: the call is outside what the kernels handle
+            (:func:`unsupported_reason` says what).
+    """
+    reason = unsupported_reason(query, key, value, attn_mask, 0.0, is_causal, scale,
+                                enable_gqa)
+    if reason is not None:
+        raise OperatorInputError(f"flash_attention: {reason}")
+    if attn_mask is not None:
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.ndim) + tuple(attn_mask.shape))
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    return _Attention.apply(query, key, value, attn_mask, bool(is_causal), scale)[0]
+
+
+def _fold(t: torch.Tensor | None, dim: int | None, n: int) -> torch.Tensor | None:
+    """Merge the vmapped axis (at ``dim``; ``None``: not batched, so repeat) into the
+    leading batch axis, vector-major: row ``v * B + b``."""
+    if t is None:
+        return None
+    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+def _fold_mask(mask: torch.Tensor | None, dim: int | None, n: int, batch: int):
+    """An unbatched mask stays as is (kernels read batch ``z`` at ``z % mask batch``); a
+    batched one is expanded to ``n * batch`` rows."""
+    if mask is None or dim is None:
+        return mask
+    mask = mask.movedim(dim, 0)
+    return _fold(mask.expand(n, batch, *mask.shape[2:]), 0, n)
+
+
+def _unfold(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if t is None else t.reshape(n, t.shape[0] // n, *t.shape[1:])
+
+
+def _fold_all(info: Any, in_dims: tuple, primals: tuple, others: tuple):
+    """Fold a vmapped call's tensors. ``primals`` are ``(q, k, v, mask, o?, lse?)``:
+    when none of them is batched they stay as they are (one copy for every vector);
+    ``others`` (tangents, cotangents) are always folded."""
+    n = info.batch_size
+    primal_dims, other_dims = in_dims[:len(primals)], in_dims[len(primals):]
+    if any(d is not None for d in primal_dims):
+        q, dim = primals[0], primal_dims[0]
+        batch = q.shape[0] if dim is None else q.movedim(dim, 0).shape[1]
+        folded = [_fold(t, d, n) if i != 3 else _fold_mask(t, d, n, batch)
+                  for i, (t, d) in enumerate(zip(primals, primal_dims))]
+    else:
+        folded = list(primals)
+    return folded, [_fold(t, d, n) for t, d in zip(others, other_dims)]
+
+
+class _Attention(torch.autograd.Function):
+    """``(O, lse)``; ``lse`` is differentiable too (its tangent comes for free in the
+    JVP and its cotangent folds into the backward's ``delta``)."""
+
+    @staticmethod
+    def forward(q, k, v, mask, is_causal, scale):
+        return _kernels().attention_forward(q, k, v, mask, is_causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, is_causal, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, mask, o, lse)
+        ctx.save_for_forward(q, k, v, mask, o, lse)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_lse):
+        q, k, v, mask, o, lse = ctx.saved_tensors
+        if grad_o is None:
+            grad_o = torch.zeros_like(o)
+        dq, dk, dv = _AttentionBackward.apply(q, k, v, mask, o, lse, grad_o, grad_lse,
+                                              ctx.is_causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, tmask, _is_causal, _scale):
+        q, k, v, mask, o, lse = ctx.saved_tensors
+        if tmask is not None:
+            raise NotImplementedError(
+                "flash_attention: forward-mode derivative along attn_mask is not implemented")
+        if tq is None and tk is None and tv is None:
+            return torch.zeros_like(o), torch.zeros_like(lse)
+        return _AttentionJvp.apply(q, k, v, mask, o, lse, tq, tk, tv, ctx.is_causal,
+                                   ctx.scale)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, mask, is_causal, scale):
+        (q, k, v, mask), _ = _fold_all(info, in_dims[:4], (q, k, v, mask), ())
+        o, lse = _Attention.apply(q, k, v, mask, is_causal, scale)
+        return (_unfold(o, info.batch_size), _unfold(lse, info.batch_size)), (0, 0)
+
+
+_NO_SECOND_ORDER = (
+    "second derivatives through torchcurv's Triton attention are not implemented (it has "
+    "a backward and a JVP, not their derivatives); run products that need them under "
+    "differentiable_attention(order='second'), which keeps SDPA's math backend")
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """The derivative kernels: differentiating them again raises instead of returning
+    a wrong (zero) second derivative."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_NO_SECOND_ORDER)
+
+
+class _AttentionBackward(_NotDifferentiable):
+    """``(dQ, dK, dV)`` from the output's and lse's cotangents; not differentiable."""
+
+    @staticmethod
+    def forward(q, k, v, mask, o, lse, grad_o, grad_lse, is_causal, scale):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        z, bp = grad_o.shape[0], q.shape[0]
+        # delta_i = <dO_i, O_i> - g_lse_i, with O read once for every folded vector.
+        delta = (grad_o.to(acc).reshape(z // bp, *o.shape) * o.to(acc)).sum(-1)
+        delta = delta.reshape(z, *delta.shape[2:])
+        if grad_lse is not None:
+            delta = delta - grad_lse.to(acc)
+        dq, dk, dv = _kernels().attention_backward(q, k, v, mask, lse, grad_o, delta,
+                                                   is_causal, scale)
+        hk = k.shape[1]
+        if hk != q.shape[1]:
+            dk = dk.reshape(z, hk, -1, *dk.shape[2:]).sum(2)
+            dv = dv.reshape(z, hk, -1, *dv.shape[2:]).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, mask, o, lse, grad_o, grad_lse, is_causal, scale):
+        (q, k, v, mask, o, lse), (grad_o, grad_lse) = _fold_all(
+            info, in_dims[:8], (q, k, v, mask, o, lse), (grad_o, grad_lse))
+        out = _AttentionBackward.apply(q, k, v, mask, o, lse, grad_o, grad_lse, is_causal,
+                                       scale)
+        return tuple(_unfold(t, info.batch_size) for t in out), (0, 0, 0)
+
+
+class _AttentionJvp(_NotDifferentiable):
+    """``(Ȯ, l̇se)`` from the tangents of ``q, k, v`` (``None`` for zero); not
+    differentiable."""
+
+    @staticmethod
+    def forward(q, k, v, mask, o, lse, tq, tk, tv, is_causal, scale):
+        return _kernels().attention_jvp(q, k, v, mask, o, lse, tq, tk, tv, is_causal, scale)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, mask, o, lse, tq, tk, tv, is_causal, scale):
+        (q, k, v, mask, o, lse), tangents = _fold_all(
+            info, in_dims[:9], (q, k, v, mask, o, lse), (tq, tk, tv))
+        out = _AttentionJvp.apply(q, k, v, mask, o, lse, *tangents, is_causal, scale)
+        return tuple(_unfold(t, info.batch_size) for t in out), (0, 0)
