@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from torchcurv.algorithms.arguments import as_tensor, check_which
-from torchcurv.algorithms.result import EigshInfo, EigshResult, converged_mask, residual_norms
+from torchcurv.algorithms.result import (
+    ConvergenceHistory,
+    EigshInfo,
+    EigshResult,
+    converged_mask,
+    relative_residuals,
+    residual_norms,
+)
 from torchcurv.operators.base import LinearOperator
 
 
@@ -50,6 +57,7 @@ def assemble_result(
     wall_time: float,
     info: EigshInfo | None = None,
     residuals: torch.Tensor | None = None,
+    history: ConvergenceHistory | None = None,
 ) -> EigshResult:
     """Build the result from ``k' <= k`` found pairs.
 
@@ -60,6 +68,8 @@ def assemble_result(
         residuals: ``(k',)`` already computed by the backend for these pairs (saves
             the check's products); computed here from the vectors when ``None``, and
             the ``k'`` products added to ``info.check_matvecs``.
+        history: what the backend saw while it ran; ``None``: one point, the result's
+            true residuals after all ``num_matvecs`` products (``source="final"``).
 
     The ``k - k'`` missing pairs become NaN eigenvalues (sorted last, as NumPy sorts NaN),
     NaN eigenvector columns and ``converged=False``. Without vectors or residuals, each
@@ -93,6 +103,9 @@ def assemble_result(
         res = torch.cat([residuals, nan])
         found_ok = converged_mask(vals, residuals, tol)
     converged = torch.cat([found_ok, torch.zeros(missing, dtype=torch.bool)])
+    if history is None:
+        history = ConvergenceHistory((int(num_matvecs),),
+                                     (relative_residuals(torch.cat([vals, nan]), res),), "final")
     return EigshResult(
         eigenvalues=torch.cat([vals, nan]),
         eigenvectors=vecs,
@@ -103,5 +116,5 @@ def assemble_result(
         backend=backend,
         which=check_which(which),
         tol=float(tol),
-        info=info,
+        info=dataclasses.replace(info, history=history),
     )

@@ -22,6 +22,7 @@ calls. Memory: the basis is ``ncv x n``, default ``ncv = min(n, max(2k + 1, 20, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -52,11 +53,12 @@ def block_eigsh(
     basis_device: torch.device | str | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = False,
+    checkpoint: str | os.PathLike | None = None,
 ) -> EigshResult:
     """``k`` eigenpairs by thick-restart block Lanczos, one ``matmat`` per block step.
 
     ``op``, ``k``, ``which``, ``tol``, ``maxiter``, ``seed``, ``return_eigenvectors``,
-    ``basis_dtype``, ``basis_device``, ``callback``, ``progress``: as for
+    ``basis_dtype``, ``basis_device``, ``callback``, ``progress``, ``checkpoint``: as for
     :func:`~torchcurv.algorithms.lanczos.lanczos_eigsh`.
 
     Args:
@@ -81,5 +83,5 @@ def block_eigsh(
         op, k=k, which=which, tol=tol, maxiter=maxiter, seed=seed,
         return_eigenvectors=return_eigenvectors, block_size=block_size, ncv=ncv, v0=v0,
         basis_dtype=basis_dtype, basis_device=basis_device, callback=callback,
-        progress=progress, backend="block",
+        progress=progress, backend="block", checkpoint=checkpoint,
     )

@@ -21,7 +21,8 @@ from torchcurv.algorithms.eigsh import (
     check_backend_options,
     eigsh,
 )
-from torchcurv.algorithms.result import EigshResult
+from torchcurv.algorithms.plotting import finish_plot, plot_axes
+from torchcurv.algorithms.result import EigshResult, HistorySource
 from torchcurv.errors import MissingExtraError
 from torchcurv.interop.reverse import from_linear_operator
 from torchcurv.operators.base import LinearOperator
@@ -60,6 +61,8 @@ class BackendRow:
             "k": None if r is None else len(r.eigenvalues),
             "num_matvecs": None if r is None else r.num_matvecs,
             "wall_time": None if r is None else r.wall_time,
+            "history": None if r is None or r.info.history is None
+            else r.info.history.as_dict(),
         }
 
 
@@ -83,6 +86,15 @@ class BackendComparison:
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [row.as_dict() for row in self.rows]
+
+    def plot_convergence(self, path_or_ax: Any = None, title: str | None = None) -> Any:
+        """Max relative residual of the wanted pairs against products, one line per
+        backend that ran, ``tol`` as a horizontal line, the others named in the legend
+        (:func:`plot_convergence`). Returns the ``Axes`` (or the ``Path`` written)."""
+        return plot_convergence(
+            [row.result for row in self.rows if row.result is not None], path_or_ax,
+            not_run={row.backend: row.error or "" for row in self.rows if row.result is None},
+            title=title)
 
     def __str__(self) -> str:
         head = f"{'backend':<10} {'conv':>6} {'eig. agreement':>15} {'max res/|l|':>12} " \
@@ -109,6 +121,70 @@ class BackendComparison:
                     if i < len(result.eigenvalues) else f"{'':>22}" for _, result in ran)
                 lines.append(f"{i:>3} {cells}")
         return "\n".join(lines)
+
+
+HISTORY_WORDS: dict[HistorySource, str] = {
+    "ritz_estimates": "Ritz estimates per restart",
+    "iterates": "per iteration",
+    "checks": "checked",
+    "final": "final residual only",
+}
+"""How a convergence plot's legend names each backend's kind of history."""
+
+
+def plot_convergence(
+    results: Sequence[EigshResult],
+    path_or_ax: Any = None,
+    *,
+    not_run: dict[str, str] | None = None,
+    title: str | None = None,
+) -> Any:
+    """The convergence plot by which solver backends are compared: for each result, the
+    largest relative residual of its wanted pairs (log scale) against the products spent
+    (:class:`~torchcurv.algorithms.result.ConvergenceHistory`), and the ``tol`` asked
+    for as a dashed horizontal line.
+
+    Args:
+        results: eigsh results of one problem (e.g. a comparison's rows that ran); each
+            becomes one line labelled by its backend and what its history holds
+            (ARPACK, which shows nothing while it runs, is a single final marker).
+        path_or_ax: ``None`` (new figure), a file path (written, ``Path`` returned) or
+            a matplotlib ``Axes`` to draw into.
+        not_run: ``{backend: why}`` for backends that did not run; named in the legend
+            so that a missing line is explained.
+        title: default ``"eigsh convergence (k=..., which=...)"``.
+
+    Needs matplotlib (``pip install 'torchcurv[plot]'``,
+    :class:`~torchcurv.MissingExtraError` otherwise). Returns the ``Axes`` or ``Path``.
+    """
+    ax = plot_axes(path_or_ax, "plot_convergence", figsize=(6.4, 5.2))
+    for r in results:
+        h = r.info.history
+        if h is None:
+            continue
+        single = len(h.matvecs) == 1
+        ax.plot(h.matvecs, h.max_residuals(), marker="D" if single else ".",
+                markersize=7 if single else 4, linewidth=1.4,
+                label=f"{r.backend} ({HISTORY_WORDS[h.source]})")
+    if results:
+        ax.axhline(results[0].tol, color="0.3", linestyle="--", linewidth=1,
+                   label=f"tol = {results[0].tol:g}")
+    for backend, why in (not_run or {}).items():
+        ax.plot([], [], linestyle="none", label=f"{backend}: did not run ({why})")
+    ax.set_yscale("log")
+    ax.set_xlabel("operator-vector products (num_matvecs)")
+    ax.set_ylabel("max relative residual of the wanted pairs")
+    if title is None and results:
+        title = (f"eigsh convergence (k={len(results[0].eigenvalues)}, "
+                 f"which={results[0].which})")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    # below the axes: the curves of fast backends crowd the upper left, where a legend
+    # inside would sit
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0.0, -0.16),
+              frameon=False)
+    return finish_plot(ax, path_or_ax)
 
 
 def _agreement(values: torch.Tensor, reference: torch.Tensor) -> float:

@@ -25,9 +25,11 @@ from torchcurv.algorithms.arguments import check_start, check_tol
 from torchcurv.algorithms.assemble import Stopwatch, assemble_result
 from torchcurv.algorithms.eigsh import check_backend_serves
 from torchcurv.algorithms.result import (
+    ConvergenceHistory,
     EigshInfo,
     EigshResult,
     converged_mask,
+    relative_residuals,
     residual_norms,
     start_block,
 )
@@ -64,6 +66,9 @@ def cupy_eigsh(
         dtype: precision of the Lanczos basis (default the operator's, see
             :func:`torchcurv.as_cupy_linear_operator`).
         max_rounds: runs at most (see the module notes).
+
+    ``info.history`` (``source="checks"``): one point per run, the true residuals
+    checked after it (CuPy shows nothing inside a run).
     """
     which = check_backend_serves("cupy", which)
     tol = check_tol(tol, op.dtype)
@@ -83,6 +88,8 @@ def cupy_eigsh(
     floor = 10 * float(np.finfo(A.dtype).eps) * scale
     abs_tol = max(tol * scale, floor)
     start, rounds, check_time, check_matvecs = v0, 0, 0.0, 0
+    points: list[int] = []
+    history: list[tuple[float, ...]] = []
     while True:
         kwargs = {"k": k, "which": which, "ncv": ncv, "tol": abs_tol,
                   "maxiter": max(budget - A.num_matvecs, 1)}
@@ -96,6 +103,9 @@ def cupy_eigsh(
         res = residual_norms(op, vals, vecs)
         check_matvecs += vals.numel()
         ok = converged_mask(vals, res, tol)
+        order = torch.argsort(vals)
+        points.append(A.num_matvecs)
+        history.append(relative_residuals(vals[order], res[order]))
         check_time += check.elapsed()
         next_tol = max(tol * float(vals.abs().min()), floor)
         if (ok.all() or not takes_v0 or rounds >= max_rounds or A.num_matvecs >= budget
@@ -109,7 +119,8 @@ def cupy_eigsh(
                      check_matvecs=check_matvecs)
     return assemble_result(op, vals, vecs if return_eigenvectors else None, k=k,
                            backend="cupy", which=which, tol=tol, num_matvecs=A.num_matvecs,
-                           wall_time=wall, info=info, residuals=res)
+                           wall_time=wall, info=info, residuals=res,
+                           history=ConvergenceHistory(tuple(points), tuple(history), "checks"))
 
 
 def _torch_dtype(dtype) -> torch.dtype:

@@ -41,6 +41,10 @@ POWER_WHICH: tuple[Which, ...] = ("LM",)
 SHARED_ARGUMENTS = ("k", "which", "tol", "maxiter", "seed", "return_eigenvectors")
 """Arguments of every backend, set by :func:`eigsh` itself, never as backend options."""
 
+CHECKPOINT_BACKENDS = ("lanczos", "block")
+"""The backends whose solves resume from ``checkpoint=`` (the torch thick-restart
+Lanczos: their whole restart state is in torchcurv's hands, not a library's)."""
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -134,7 +138,10 @@ def eigsh(
             block; options ``solve_tol``, ``solve_maxiter``
             (:func:`~torchcurv.algorithms.shift_invert.shift_invert_eigsh`).
         **backend_options: passed to the backend (e.g. ``ncv``, ``v0`` for arpack;
-            ``block_size`` for lobpcg); unknown names are an error.
+            ``block_size`` for lobpcg); unknown names are an error. ``checkpoint=PATH``
+            (lanczos, block): write the restart state to ``PATH`` after every restart
+            and resume from it if it exists
+            (:func:`~torchcurv.algorithms.lanczos.lanczos_eigsh`).
 
     Returns:
         :class:`~torchcurv.algorithms.result.EigshResult` with eigenvalues ascending
@@ -155,6 +162,13 @@ def eigsh(
     fn = backend_function(backend)
     which = ("LA" if sigma is None else "LM") if which is None else which
     check_arguments(op, k, which, tol, maxiter, seed)
+    if backend_options.get("checkpoint") is not None and (
+            backend not in CHECKPOINT_BACKENDS or sigma is not None):
+        raise ValueError(
+            f"checkpoint= resumes solves of the backends {', '.join(CHECKPOINT_BACKENDS)} "
+            f"without sigma; got backend={backend!r}"
+            + ("" if sigma is None else f" with sigma={sigma!r}")
+        )
     if sigma is not None:
         from torchcurv.algorithms.shift_invert import shift_invert_eigsh
 

@@ -38,6 +38,7 @@ runs on a GPU (it is then streamed to the device in chunks).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -52,14 +53,23 @@ from torchcurv.algorithms.arguments import (
     progress_bar,
     synchronized_clock,
 )
+from torchcurv.algorithms.checkpoint import (
+    check_checkpoint_path,
+    cpu_copy,
+    load_checkpoint,
+    save_checkpoint,
+    solve_arguments,
+)
 from torchcurv.algorithms.eigsh import check_backend_serves
 from torchcurv.algorithms.krylov import KrylovBasis
 from torchcurv.algorithms.probing import check_operator
 from torchcurv.algorithms.result import (
+    ConvergenceHistory,
     EigshInfo,
     EigshResult,
     StopReason,
     converged_mask,
+    relative_residuals,
     residual_norms,
     start_block,
 )
@@ -84,6 +94,7 @@ def lanczos_eigsh(
     basis_device: torch.device | str | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = False,
+    checkpoint: str | os.PathLike | None = None,
 ) -> EigshResult:
     """``k`` eigenpairs of a symmetric operator by thick-restart Lanczos.
 
@@ -108,19 +119,27 @@ def lanczos_eigsh(
             ``num_matvecs``, ``ritz_values`` and ``residual_estimates`` of the wanted
             pairs, ``num_converged``).
         progress: show a tqdm bar of converged pairs (needs ``tqdm``).
+        checkpoint: a file path: the restart state is written there (atomically) after
+            every thick restart, and a solve started while the file exists resumes
+            from it, giving the eigenvalues of the uninterrupted run (bit-identical on
+            the CPU for a deterministic operator) for the products that run had left.
+            Refused when the file belongs to a solve with other arguments; deleted when
+            the solve finishes (:mod:`~torchcurv.algorithms.checkpoint`).
 
     Returns:
         :class:`~torchcurv.algorithms.result.EigshResult` with ``backend="lanczos"``;
         ``info`` (:class:`~torchcurv.algorithms.result.EigshInfo`) holds ``restarts``,
         ``stop_reason`` (``"converged"``, ``"maxiter"`` or ``"stagnated"``), ``ncv``,
-        ``block_size``, the basis' shape, dtype, device and bytes, ``check_matvecs`` and
-        ``residual_estimates``.
+        ``block_size``, the basis' shape, dtype, device and bytes, ``check_matvecs``,
+        ``residual_estimates``, ``history`` (the wanted pairs' Ritz residual estimates
+        at every restart; ``source="ritz_estimates"``) and, after a resume,
+        ``resumed_matvecs``.
     """
     return thick_restart_lanczos(
         op, k=k, which=which, tol=tol, maxiter=maxiter, seed=seed,
         return_eigenvectors=return_eigenvectors, block_size=1, ncv=ncv, v0=v0,
         basis_dtype=basis_dtype, basis_device=basis_device, callback=callback,
-        progress=progress, backend="lanczos",
+        progress=progress, backend="lanczos", checkpoint=checkpoint,
     )
 
 
@@ -150,6 +169,7 @@ def thick_restart_lanczos(
     callback: Callable[[dict], None] | None,
     progress: bool,
     backend: str,
+    checkpoint: str | os.PathLike | None = None,
 ) -> EigshResult:
     """The thick-restart (block) Lanczos driver behind ``lanczos`` and ``block``."""
     check_operator(op, backend)
@@ -165,6 +185,7 @@ def thick_restart_lanczos(
         )
     maxiter = check_maxiter(maxiter, 10 * n)
     check_callback(callback)
+    path = check_checkpoint_path(checkpoint)
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
     start = (start_block(n, p, torch.float64, torch.device("cpu"), generator=generator)
              if v0 is None else check_start(v0, n, p))
@@ -174,11 +195,23 @@ def thick_restart_lanczos(
     kb = KrylovBasis(op, 1, m, basis_dtype=basis_dtype, basis_device=basis_device,
                      generator=generator)
     tol = check_tol(tol, kb.working_dtype)
-    Q0, _ = kb.next_block(start.T[None].to(op.device, kb.compute_dtype), 0)
-    kb.set_rows(0, Q0)
+    arguments = solve_arguments(op, backend=backend, k=k, which=which, tol=tol, ncv=m,
+                                block_size=p, basis_dtype=kb.basis.dtype, start=start)
+    state = None if path is None else load_checkpoint(path, arguments)
+    restarts, kept, failed_checks, check_matvecs, resumed = 0, 0, 0, 0, 0
+    history: tuple[list[int], list[tuple[float, ...]]] = ([], [])
+    if state is None:
+        Q0, _ = kb.next_block(start.T[None].to(op.device, kb.compute_dtype), 0)
+        kb.set_rows(0, Q0)
+    else:
+        restarts, kept, failed_checks, check_matvecs, resumed = _restore(kb, state)
+        history = (list(state["history_matvecs"]),
+                   [tuple(r) for r in state["history_residuals"]])
+
+    def spent() -> int:
+        return resumed + op.num_matvecs - matvecs_before
 
     with progress_bar(progress, k, f"torchcurv {backend}") as bar:
-        restarts, kept, failed_checks, check_matvecs = 0, 0, 0, 0
         stop_reason: StopReason = "maxiter"
         checked = None
         while True:
@@ -190,17 +223,19 @@ def thick_restart_lanczos(
             order = _priority(theta, which)
             wanted = order[:k]
             meets = converged_mask(theta[wanted], estimates[wanted], tol)
+            ascending = wanted[torch.argsort(theta[wanted])]
+            history[0].append(spent())
+            history[1].append(relative_residuals(theta[ascending], estimates[ascending]))
             if callback is not None:
                 callback({
-                    "restart": restarts, "num_matvecs": op.num_matvecs - matvecs_before,
+                    "restart": restarts, "num_matvecs": spent(),
                     "ritz_values": theta[wanted].clone(), "residual_estimates":
                     estimates[wanted].clone(), "num_converged": int(meets.sum()),
                 })
             if bar is not None:
                 bar.n = int(meets.sum())
-                bar.set_postfix(restarts=restarts, matvecs=op.num_matvecs - matvecs_before)
+                bar.set_postfix(restarts=restarts, matvecs=spent())
             if bool(meets.all()):
-                ascending = wanted[torch.argsort(theta[wanted])]
                 values = theta[ascending]
                 vectors = _ritz_vectors(kb, S[:, ascending], size, op)
                 residuals = residual_norms(op, values, vectors)
@@ -219,9 +254,17 @@ def thick_restart_lanczos(
                 break
             kept = _restart(kb, F, theta, S, order, last, size, k, p, m)
             restarts += 1
+            if path is not None:
+                save_checkpoint(path, arguments, {
+                    "basis": cpu_copy(kb.basis[:, :kept + p]), "T": kb.T.clone(),
+                    "anorm": kb.anorm, "generator": generator.get_state(),
+                    "restarts": restarts, "kept": kept, "failed_checks": failed_checks,
+                    "check_matvecs": check_matvecs, "num_matvecs": spent(),
+                    "history_matvecs": list(history[0]),
+                    "history_residuals": [list(r) for r in history[1]],
+                })
 
     if checked is None or stop_reason == "maxiter":
-        ascending = wanted[torch.argsort(theta[wanted])]
         values = theta[ascending]
         vectors = _ritz_vectors(kb, S[:, ascending], size, op)
         residuals = residual_norms(op, values, vectors)
@@ -229,7 +272,9 @@ def thick_restart_lanczos(
     else:
         values, vectors, residuals = checked
     converged = converged_mask(values, residuals, tol)
-    num_matvecs = op.num_matvecs - matvecs_before
+    num_matvecs = spent()
+    if path is not None:
+        path.unlink(missing_ok=True)  # finished: never resumed by another solve
     wall_time = synchronized_clock(op.device) - begin
     return EigshResult(
         eigenvalues=values.clone(),
@@ -246,9 +291,25 @@ def thick_restart_lanczos(
             restarts=restarts, stop_reason=stop_reason, ncv=m, block_size=p,
             basis_shape=(m, n), basis_dtype=kb.basis.dtype, basis_device=kb.basis.device,
             basis_bytes=kb.basis_bytes, check_matvecs=check_matvecs,
-            residual_estimates=estimates[wanted][torch.argsort(theta[wanted])].clone(),
+            residual_estimates=estimates[ascending].clone(),
+            history=ConvergenceHistory(tuple(history[0]), tuple(history[1]),
+                                       "ritz_estimates"),
+            resumed_matvecs=resumed if state is not None else None,
         ),
     )
+
+
+def _restore(kb: KrylovBasis, state: dict) -> tuple[int, int, int, int, int]:
+    """Put a checkpoint's restart state into ``kb`` (and its generator); returns
+    ``(restarts, kept, failed_checks, check_matvecs, num_matvecs)``."""
+    rows = state["basis"].shape[1]
+    kb.set_rows(0, state["basis"])
+    kb.basis[:, rows:] = 0
+    kb.T.copy_(state["T"])
+    kb.anorm = float(state["anorm"])
+    kb.generator.set_state(state["generator"])
+    return (int(state["restarts"]), int(state["kept"]), int(state["failed_checks"]),
+            int(state["check_matvecs"]), int(state["num_matvecs"]))
 
 
 def _priority(theta: torch.Tensor, which: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ and absent when ``lambda`` and ``-lambda`` are both eigenvalues of the largest m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -37,6 +38,7 @@ from torchcurv.algorithms.arguments import (
 from torchcurv.algorithms.eigsh import POWER_WHICH
 from torchcurv.algorithms.probing import check_operator
 from torchcurv.algorithms.result import (
+    ConvergenceHistory,
     EigshInfo,
     EigshResult,
     converged_mask,
@@ -81,7 +83,10 @@ def power_eigsh(
 
     Returns:
         :class:`~torchcurv.algorithms.result.EigshResult` with ``backend="power"``,
-        ascending eigenvalues; ``info.iterations_per_pair`` (in the order found).
+        ascending eigenvalues; ``info.iterations_per_pair`` (in the order found);
+        ``info.history`` (``source="checks"``): after every iteration, the relative
+        deflated residuals of the pairs found so far (their last), of the pair being
+        iterated, and ``inf`` for the pairs not started, in the order found.
     """
     check_operator(op, "power_eigsh")
     n = op.n
@@ -102,7 +107,10 @@ def power_eigsh(
     matvecs_before = op.num_matvecs
     found = torch.zeros(n, 0, dtype=dtype, device=op.device)
     products = torch.zeros(n, 0, dtype=dtype, device=op.device)  # A @ found
-    iterations = []
+    iterations: list[int] = []
+    done: list[float] = []  # last relative residual of each pair found
+    points: list[int] = []
+    history: list[tuple[float, ...]] = []
     with progress_bar(progress, k, "torchcurv power") as bar:
         for pair in range(k):
             if pair == 0 and first is not None:
@@ -115,6 +123,9 @@ def power_eigsh(
                 value = float(x @ y)
                 z = _deflate(y, found)
                 residual = float((z - value * x).norm())
+                relative = residual / max(abs(value), torch.finfo(torch.float64).tiny)
+                points.append(op.num_matvecs - matvecs_before)
+                history.append((*done, relative, *[math.inf] * (k - pair - 1)))
                 if callback is not None:
                     callback({"pair": pair, "iteration": iteration, "eigenvalue": value,
                               "residual": residual})
@@ -122,6 +133,7 @@ def power_eigsh(
                     break
                 x = _unit(z)
             iterations.append(iteration)
+            done.append(relative)
             found = torch.cat([found, x[:, None]], dim=1)
             products = torch.cat([products, y[:, None]], dim=1)
             if bar is not None:
@@ -143,7 +155,8 @@ def power_eigsh(
         backend="power",
         which=which,
         tol=tol,
-        info=EigshInfo(iterations_per_pair=tuple(iterations), check_matvecs=k),
+        info=EigshInfo(iterations_per_pair=tuple(iterations), check_matvecs=k,
+                       history=ConvergenceHistory(tuple(points), tuple(history), "checks")),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -11,6 +12,74 @@ if TYPE_CHECKING:  # arguments imports this module (through assemble)
     from torchcurv.algorithms.arguments import Which
 
 StopReason = Literal["converged", "maxiter", "stagnated"]
+
+HistorySource = Literal["ritz_estimates", "iterates", "checks", "final"]
+"""Where a :class:`ConvergenceHistory`'s residuals come from (see its docstring)."""
+
+
+@dataclass(frozen=True)
+class ConvergenceHistory:
+    """How a solve approached its answer: the wanted pairs' relative residuals against
+    the products spent, at every point the backend could observe for free.
+
+    Attributes:
+        matvecs: ``(points,)`` products counted in ``num_matvecs`` so far at each point,
+            non-decreasing (the uncounted check products are not in it).
+        residuals: per point, ``k`` relative residuals ``||A v - theta v|| / |theta|`` of
+            the ``k`` wanted approximations at that point, in ascending order of
+            ``theta`` (power: in the order found, ``inf`` for a pair not started).
+        source: what the residuals are; each backend records what it can see without
+            spending a product or changing its results:
+
+            - ``"ritz_estimates"`` (lanczos, block): at each thick restart, the Ritz
+              residual estimates from the projected matrix. They equal the true
+              residuals up to the rounding of products and Ritz vectors (sums of ``n``
+              terms): ``|estimate - true| <= 10 * sqrt(n) * eps * ||A||`` (``eps`` of the
+              working dtype; the tolerance the tests hold), so at the last point a
+              converged solve's estimates are below ``tol`` and the result's true
+              residuals agree with them to that bound.
+            - ``"iterates"`` (lobpcg): LOBPCG's own residual norms of its iterates at
+              every iteration (``retResidualNormsHistory``), which are true residuals;
+              product counts as recorded at each block product (approximate when LOBPCG
+              restarts internally), rounds concatenated.
+            - ``"checks"`` (cupy, power): cupy: the true residuals checked after each
+              round (CuPy shows nothing inside a run); power: at every iteration the
+              deflated residual of the pair being iterated and the last ones of the
+              pairs found before it.
+            - ``"final"`` (arpack): ARPACK shows no residuals while it runs, so the one
+              point is the result's true residuals after all products.
+    """
+
+    matvecs: tuple[int, ...]
+    residuals: tuple[tuple[float, ...], ...]
+    source: HistorySource
+
+    def __post_init__(self) -> None:
+        if len(self.matvecs) != len(self.residuals):
+            raise ValueError(
+                f"a history needs one residual tuple per point: {len(self.matvecs)} "
+                f"product counts, {len(self.residuals)} residual tuples"
+            )
+        if any(b < a for a, b in zip(self.matvecs, self.matvecs[1:])):
+            raise ValueError(f"product counts must not decrease, got {self.matvecs}")
+
+    def max_residuals(self) -> tuple[float, ...]:
+        """The largest relative residual of the wanted pairs at each point (what a
+        convergence plot draws); NaN residuals (no vector) count as ``inf``."""
+        return tuple(max((math.inf if math.isnan(r) else r for r in rs), default=math.nan)
+                     for rs in self.residuals)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain lists, e.g. for a JSON record."""
+        return {"matvecs": list(self.matvecs), "residuals": [list(r) for r in self.residuals],
+                "source": self.source}
+
+
+def relative_residuals(values: torch.Tensor, residuals: torch.Tensor) -> tuple[float, ...]:
+    """``residual_i / |value_i|`` (with ``|value_i|`` floored at machine tiny, as
+    :func:`converged_mask` does) as a tuple, in the given order: one history point."""
+    scale = values.double().abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return tuple((residuals.double().cpu() / scale.cpu()).tolist())
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +107,11 @@ class EigshInfo:
             (arpack, lobpcg, cupy).
         arpack_no_convergence: ARPACK's message when it converged fewer than ``k``
             pairs (arpack).
+        history: :class:`ConvergenceHistory`, residuals against products (every
+            built-in backend; ``ConvergenceHistory.source`` says what each sees).
+        resumed_matvecs: products of an interrupted run that this solve resumed from a
+            checkpoint (lanczos, block with ``checkpoint=``); they are part of
+            ``num_matvecs`` but were not spent again.
     """
 
     check_matvecs: int | None = None
@@ -56,11 +130,15 @@ class EigshInfo:
     final_abs_tol: float | None = None
     solver_dtype: str | None = None
     arpack_no_convergence: str | None = None
+    history: ConvergenceHistory | None = None
+    resumed_matvecs: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields the backend reported (not ``None``), e.g. for a JSON record."""
+        """The fields the backend reported (not ``None``), e.g. for a JSON record (the
+        history as :meth:`ConvergenceHistory.as_dict`)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {name: v for name, v in values.items() if v is not None}
+        return {name: v.as_dict() if isinstance(v, ConvergenceHistory) else v
+                for name, v in values.items() if v is not None}
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,7 +25,13 @@ import torch
 from torchcurv.algorithms.arguments import check_start, check_tol
 from torchcurv.algorithms.assemble import Stopwatch, assemble_result
 from torchcurv.algorithms.eigsh import check_backend_serves
-from torchcurv.algorithms.result import EigshInfo, EigshResult, start_block
+from torchcurv.algorithms.result import (
+    ConvergenceHistory,
+    EigshInfo,
+    EigshResult,
+    relative_residuals,
+    start_block,
+)
 from torchcurv.interop.scipy import as_linear_operator
 from torchcurv.operators.base import LinearOperator
 
@@ -65,6 +71,11 @@ def lobpcg_eigsh(
             from ``seed``.
         dtype: precision LOBPCG works in (float64 default).
         max_rounds: limit on warm restarts with a tightened absolute tolerance.
+
+    ``info.history`` holds LOBPCG's own residual norms of the wanted iterates at every
+    iteration of every round (``source="iterates"``), read from
+    ``retResidualNormsHistory``/``retLambdaHistory``, each at the product count of the
+    block product it came from (recorded per call, so nothing changes in the solve).
     """
     which = check_backend_serves("lobpcg", which)
     tol = check_tol(tol, op.dtype)
@@ -85,16 +96,29 @@ def lobpcg_eigsh(
     floor = 10 * np.finfo(A.dtype).eps * scale
     abs_tol = max(tol * scale, floor)
     iterations = rounds = 0
+    calls: list[int] = []  # products so far after each of LOBPCG's block products
+
+    def recorded(V: np.ndarray) -> np.ndarray:
+        out = A.matmat(V)
+        calls.append(A.num_matvecs)
+        return out
+
+    # the same products through a recording front: LOBPCG's results do not change
+    counted = sla.LinearOperator(A.shape, matvec=recorded, matmat=recorded, dtype=A.dtype)
+    points: list[int] = []
+    residuals: list[tuple[float, ...]] = []
     with warnings.catch_warnings():
         # LOBPCG warns when its absolute tolerance is missed; the relative check below
         # and the result's converged flags report that instead.
         warnings.filterwarnings("ignore", message="Exited", category=UserWarning)
         while True:
-            calls = A.num_calls
-            lam, X, history = sla.lobpcg(A, X, tol=abs_tol, maxiter=max(maxiter - iterations, 1),
-                                         largest=which == "LA", retResidualNormsHistory=True)
-            iterations += max(A.num_calls - calls - 2, 1)
+            first = len(calls)
+            lam, X, lam_history, history = sla.lobpcg(
+                counted, X, tol=abs_tol, maxiter=max(maxiter - iterations, 1),
+                largest=which == "LA", retLambdaHistory=True, retResidualNormsHistory=True)
+            iterations += max(len(calls) - first - 2, 1)
             rounds += 1
+            _record(points, residuals, calls[first:], lam_history, history, k, which)
             lam = np.atleast_1d(lam)
             res = np.atleast_1d(history[-1])
             wanted = np.argsort(lam)[-k:] if which == "LA" else np.argsort(lam)[:k]
@@ -108,4 +132,20 @@ def lobpcg_eigsh(
                      final_abs_tol=float(abs_tol), solver_dtype=str(A.dtype))
     vecs = X[:, wanted] if return_eigenvectors else None
     return assemble_result(op, lam[wanted], vecs, k=k, backend="lobpcg", which=which, tol=tol,
-                           num_matvecs=A.num_matvecs, wall_time=wall, info=info)
+                           num_matvecs=A.num_matvecs, wall_time=wall, info=info,
+                           history=ConvergenceHistory(tuple(points), tuple(residuals),
+                                                      "iterates"))
+
+
+def _record(points: list[int], residuals: list[tuple[float, ...]], calls: list[int],
+            lam_history: list, res_history: list, k: int, which: str) -> None:
+    """Append one round's history: entry ``j`` of LOBPCG's histories comes from its
+    ``j``-th block product, the last (postprocessing) one from its last product."""
+    for j, (lam, res) in enumerate(zip(lam_history, res_history)):
+        last = j == len(res_history) - 1
+        points.append(calls[-1] if last else min(calls[min(j, len(calls) - 1)], calls[-1]))
+        lam, res = np.atleast_1d(lam), np.atleast_1d(res)
+        order = np.argsort(lam)
+        wanted = order[-k:] if which == "LA" else order[:k]
+        residuals.append(relative_residuals(torch.from_numpy(lam[wanted].astype(np.float64)),
+                                            torch.from_numpy(res[wanted].astype(np.float64))))

@@ -21,7 +21,7 @@ import torch
 from torchcurv.algorithms.arguments import check_start, check_tol
 from torchcurv.algorithms.assemble import Stopwatch, assemble_result
 from torchcurv.algorithms.eigsh import backend_function, check_backend_options
-from torchcurv.algorithms.result import EigshInfo, EigshResult, start_block
+from torchcurv.algorithms.result import ConvergenceHistory, EigshInfo, EigshResult, start_block
 from torchcurv.interop.scipy import as_linear_operator
 from torchcurv.operators.base import LinearOperator
 from torchcurv.operators.inverse import InverseOperator
@@ -80,7 +80,13 @@ def shift_invert_eigsh(
         result = assemble_result(
             op, lam.numpy(), inner.eigenvectors, k=k, backend=backend, which=which, tol=tol,
             num_matvecs=0, wall_time=clock.elapsed(), info=inner.info)
-    return dataclasses.replace(result, num_matvecs=op.num_matvecs - before)
+    # products of A (inside the inner solves), not of the inverse the backend iterated on:
+    # the history is the final point in terms of lambda
+    used = op.num_matvecs - before
+    assert result.info.history is not None
+    history = ConvergenceHistory((used,), result.info.history.residuals, "final")
+    return dataclasses.replace(result, num_matvecs=used,
+                               info=dataclasses.replace(result.info, history=history))
 
 
 def _arpack(op, inverse, sigma, k, which, tol, maxiter, seed, return_eigenvectors,
