@@ -15,7 +15,8 @@ Per problem and library: ``grad`` (one gradient pass over all batches, the unit)
 ``inverse_matvec`` (damped factors, and exact damping), each with ``ratio_to_grad``.
 Builds run with ``check_deterministic=False`` in both libraries (torchcurv's checks walk
 the data twice more; one extra row measures them). hessian-eigenthings has no KFAC.
-One JSON line per measurement, each with ``nparams``.
+One JSON line per measurement, each with ``nparams``; a ``flop_floor`` row per problem
+gives the FLOPs no implementation avoids (:func:`flop_floor`) and their ratios.
 
     python benchmarks/kfac.py --device cuda --out benchmarks/results/kfac_h200.jsonl
     python benchmarks/kfac.py --quick          # CPU smoke: tiny sizes, seconds
@@ -85,8 +86,61 @@ def gpt2_linear_problem(device, small):
     return model, nn.CrossEntropyLoss(), data, params
 
 
+def flop_floor(model, data, params) -> dict:
+    """FLOPs that no implementation avoids, counted on the model's ``nn.Linear`` layers
+    (rows ``R`` per layer: examples times shared positions, over all batches), of which
+    those owning ``params`` are KFAC's:
+
+    - gradient: the forward ``2 R d_in d_out`` and the input gradient (every layer but
+      the first) ``2 R d_in d_out`` of every layer, plus the weight gradient
+      ``2 R d_in d_out`` of KFAC's layers;
+    - build: the same forward and backward to the layer outputs without the weight
+      gradients, plus the factor products ``2 R (d_in² + d_out²)`` of KFAC's layers
+      (``A = aᵀa / N``, ``B`` alike, one backpropagated vector);
+    - matvec (and inverse matvec with damped factors): ``2 (d_out² d_in + d_out d_in²)``
+      per KFAC layer, plus ``2 d_out²`` per bias block; the exact-damping inverse twice.
+
+    Attention's matmuls, norms and the loss are left out (small here), so the ratios are
+    what the FLOPs allow at equal efficiency, about.
+    """
+    owned = {id(p) for p in params}
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    rows: dict[int, int] = {}
+    order: list[int] = []
+
+    def count(module, args):
+        rows[id(module)] = rows.get(id(module), 0) + args[0].numel() // args[0].shape[-1]
+        if id(module) not in order:
+            order.append(id(module))
+
+    handles = [m.register_forward_pre_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            for x, _ in data:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    grad = build = matvec = 0.0
+    for m in layers:
+        r, d_in, d_out = rows.get(id(m), 0), m.in_features, m.out_features
+        passes = (2 if order and order[0] == id(m) else 4) * r * d_in * d_out
+        grad += passes
+        build += passes
+        if any(id(p) in owned for p in m.parameters()):
+            grad += 2 * r * d_in * d_out
+            build += 2 * r * (d_in ** 2 + d_out ** 2)
+            matvec += 2 * (d_out ** 2 * d_in + d_out * d_in ** 2)
+            matvec += 2 * d_out ** 2 if m.bias is not None else 0
+    return dict(grad_flops=grad, build_flops=build, matvec_flops=matvec,
+                build_floor_ratio=build / grad, matvec_floor_ratio=matvec / grad,
+                exact_inverse_floor_ratio=2 * matvec / grad)
+
+
 def bench(problem, model, criterion, data, params, device, reps):
     n = sum(p.numel() for p in params)
+    emit(problem=problem, lib="floor", what="flop_floor", nparams=n,
+         **flop_floor(model, data, params))
     t_grad = timed(gradient_pass(model, criterion, data, params), device, reps=reps)
     emit(problem=problem, lib="torch", what="grad", nparams=n, ms=t_grad * 1e3)
     v = torch.randn(n, device=device)

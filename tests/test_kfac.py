@@ -5,6 +5,8 @@ the operator contract (scipy, eigsh, validate, solve, model guard, clear errors)
 
 from __future__ import annotations
 
+import copy
+
 import curvlinops
 import numpy as np
 import pytest
@@ -404,3 +406,49 @@ def test_parameter_subsets_equal_curvlinops_on_the_same_parameters(selection):
                                            separate_weight_and_bias=False)
     V = torch.randn(K.n, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
     assert rel(K @ V, theirs @ V) < TOL
+
+
+def _gpt2_linear_problem(dtype: torch.dtype):
+    """The benchmark's GPT-2-style configuration at its small size (random weights from
+    transformers' GPT2Config, no download), restricted to its linear layers."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from kfac import gpt2_linear_problem
+    finally:
+        sys.path.pop(0)
+    model, criterion, data, params = gpt2_linear_problem(torch.device("cpu"), small=True)
+    return model.to(dtype), criterion, data, params
+
+
+def test_damped_inverse_of_a_gpt2_style_models_linear_layers():
+    # the benchmark's configuration: in float32 the mostly rank-deficient factors (fewer
+    # tokens than inputs in the MLP's c_fc) must still give a damped inverse
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
+        model, criterion, data, params = _gpt2_linear_problem(dtype)
+        K = torchcurv.KFACOperator(model, criterion, data, params=params,
+                                   check_deterministic=False)
+        v = torch.randn(K.n, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        exact = K.inverse(1e-3, mode="exact")
+        assert rel(exact @ (K @ v + 1e-3 * v), v) < tol, dtype
+        inv = K.inverse(1e-3)
+        assert torch.isfinite(inv @ v).all() and float(v @ (inv @ v)) > 0
+
+
+@pytest.mark.gpu
+def test_cuda_float32_agrees_with_the_cpu_float64_operator():
+    model, data = _case("sequence", "mse")
+    settings = dict(fisher_type="type-2", kfac_approx="reduce")
+    K64 = torchcurv.KFACOperator(model, nn.MSELoss(), data, **settings)
+    gpu = [(x.float().cuda(), y.float().cuda()) for x, y in data]
+    K32 = torchcurv.KFACOperator(copy.deepcopy(model).float().cuda(), nn.MSELoss(), gpu,
+                                 **settings)
+    assert K32.device.type == "cuda" and K32.dtype == torch.float32
+    V = torch.randn(K64.n, 3, generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert rel((K32 @ V.float().cuda()).double().cpu(), K64 @ V) < 1e-5
+    exact64, exact32 = K64.inverse(0.1, mode="exact"), K32.inverse(0.1, mode="exact")
+    assert rel((exact32 @ V.float().cuda()).double().cpu(), exact64 @ V) < 1e-5
+    assert abs(K32.logdet(0.1) - K64.logdet(0.1)) < 1e-4 * abs(K64.logdet(0.1))
