@@ -153,12 +153,13 @@ def measure_products(problem, lib, method, op_matvec, op_matmat, n, device, t_gr
              peak_gib=peak_gib(device, lambda: op_matmat(V)))
 
 
-def guarded(problem, lib, fn):
-    """Run ``fn``; an exception becomes an ``error`` record (a failing peer is a finding)."""
+def guarded(problem, lib, fn, **context):
+    """Run ``fn``; an exception becomes an ``error`` record (a failing peer is a finding)
+    carrying ``context`` (e.g. ``what``, ``nparams``) beside the error."""
     try:
         fn()
     except Exception as exc:  # a peer failing is a finding, not the end of the run
-        emit(problem=problem, lib=lib, error=repr(exc)[:400],
+        emit(problem=problem, lib=lib, **context, error=repr(exc)[:400],
              where=traceback.format_exc().splitlines()[-3][:200])
 
 
