@@ -50,12 +50,13 @@ def test_demo_prints_agreeing_backends_trace_and_writes_both_pictures(tmp_path, 
     assert main(["demo", *FAST, "--backends", "arpack,lanczos", "--png", str(png)]) == 0
     out = capsys.readouterr().out
     for line in ("Hessian (1893 x 1893)", "GGN (1893 x 1893)", "arpack", "lanczos",
-                 "trace (Hutch++", "spectral density picture"):
+                 "trace (Hutch++", "spectral density picture", "convergence picture"):
         assert line in out
     disagreements = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
                      if line.startswith("largest relative disagreement")]
     assert len(disagreements) == 2 and max(disagreements) < 1e-8
-    for name in ("demo-hessian.png", "demo-ggn.png"):
+    for name in ("demo-hessian.png", "demo-ggn.png", "demo-hessian-convergence.png",
+                 "demo-ggn-convergence.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

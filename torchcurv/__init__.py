@@ -1,10 +1,10 @@
 """torchcurv: curvature matrices of PyTorch models as first-class linear operators."""
 
-from torchcurv.algorithms.compare import compare_backends, runnable_backends
+from torchcurv.algorithms.compare import compare_backends, plot_convergence, runnable_backends
 from torchcurv.algorithms.diagonal import DiagonalEstimate, diagonal
 from torchcurv.algorithms.eigsh import eigsh
 from torchcurv.algorithms.landscape import LossLandscape, loss_landscape
-from torchcurv.algorithms.result import EigshInfo, EigshResult
+from torchcurv.algorithms.result import ConvergenceHistory, EigshInfo, EigshResult
 from torchcurv.algorithms.solve import SolveResult, solve
 from torchcurv.algorithms.spectral import SpectralDensity, spectral_density
 from torchcurv.algorithms.trace import TraceEstimate, trace
@@ -26,6 +26,7 @@ from torchcurv.models import (
 )
 from torchcurv.objectives import Objective, supervised
 from torchcurv.operators.base import LinearOperator, ParameterOperator
+from torchcurv.operators.config import CurvatureConfig
 from torchcurv.operators.curvature import CurvatureOperator
 from torchcurv.operators.fisher import EmpiricalFisherOperator, MCFisherOperator
 from torchcurv.operators.ggn import GGNOperator
@@ -39,6 +40,8 @@ from torchcurv.validation import ValidationReport, validate
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvergenceHistory",
+    "CurvatureConfig",
     "CurvatureOperator",
     "DataChangedError",
     "DiagonalEstimate",
@@ -76,6 +79,7 @@ __all__ = [
     "eigsh",
     "from_linear_operator",
     "loss_landscape",
+    "plot_convergence",
     "runnable_backends",
     "seq2seq_lm_objective",
     "sequence_classification_objective",

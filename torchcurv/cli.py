@@ -186,6 +186,12 @@ def _spectrum(rep: Reporter, op, *, k: int, which: str, backends: list[str], tol
                          eigenvalue_label=f"eigenvalues found by eigsh ({backends[0]})")
         rep.say(f"spectral density picture: {png.resolve()}")
         rep.record["matrices"][label]["spectral_density_png"] = str(png.resolve())
+        # the solves already ran: the convergence picture costs no product
+        conv = png.with_name(f"{png.stem}-convergence{png.suffix}")
+        torchcurv.plot_convergence(
+            results, conv, title=f"{TITLES.get(label.lower(), label)}: eigsh convergence")
+        rep.say(f"convergence picture: {conv.resolve()}")
+        rep.record["matrices"][label]["convergence_png"] = str(conv.resolve())
     return results
 
 
