@@ -38,7 +38,6 @@ class CurvatureOptions(TypedDict, total=False):
     distributed: bool | None
     debug_distributed: bool
     microbatch_size: int | None
-    max_memory: int | None
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -73,8 +72,6 @@ class CurvatureConfig:
             ``check_deterministic``, the first splittable batch's loss is also checked to
             be the weighted mean of its microbatches' losses. Microbatches without loss
             terms (all targets padding) are skipped.
-        max_memory: bytes one block product may use; the operator's ``matmat`` splits
-            larger blocks (``None``: the default budget).
     """
 
     model: nn.Module
@@ -87,14 +84,10 @@ class CurvatureConfig:
     distributed: bool | None = None
     debug_distributed: bool = False
     microbatch_size: int | None = None
-    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         if self.params is not None:  # an iterator would be used up by the first build
             object.__setattr__(self, "params", tuple(self.params))
-        m = self.max_memory
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"max_memory must be None or a positive int (bytes), got {m!r}")
 
     @classmethod
     def of(cls, owner: str, model: nn.Module, criterion: nn.Module | Objective,

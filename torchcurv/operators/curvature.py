@@ -51,7 +51,7 @@ class CurvatureOperator(ParameterOperator):
     The constructor takes ``model, criterion, data`` and the keywords of
     :class:`~torchcurv.operators.config.CurvatureConfig` (``params``, ``param_filter``,
     ``check_deterministic``, ``process_group``, ``distributed``, ``debug_distributed``,
-    ``microbatch_size``, ``max_memory``), whose docstring says what each means; subclasses
+    ``microbatch_size``), whose docstring says what each means; subclasses
     add their own (``method``, ``jvp``, ...). :attr:`config` gives them back and
     :meth:`replace` builds the same operator with some of them changed.
 
@@ -76,7 +76,6 @@ class CurvatureOperator(ParameterOperator):
         derivative: the derivative strategy (:mod:`torchcurv.derivatives`), picked at
             construction from ``method`` / ``jvp``; ``None`` where products are not
             derivatives of the model (KFAC).
-        max_memory: ``config.max_memory``, the bytes one block product may use.
         batch_counts: number of batches on each rank of the group (``[len(data)]`` when
             local), known after construction.
         batch_offset: number of batches on lower ranks: this rank's batch ``i`` is batch
@@ -99,7 +98,6 @@ class CurvatureOperator(ParameterOperator):
         """Construct from ``config``; subclasses extend this, not ``__init__``, so that
         :meth:`replace` reaches every class's checks."""
         self._config = config
-        self.max_memory = config.max_memory
         model, self.sharding = sharding_for(config.model, config.process_group,
                                             config.distributed)
         self.debug_distributed = config.debug_distributed
