@@ -7,14 +7,23 @@ data, and a matvec and an inverse matvec at most 0.1x one gradient, for
 - the GPT-2-style model (4 layers, d=256, vocab 50257, B=8, T=256) restricted to its
   linear layers: HF's ``Conv1D`` layers are converted to the ``nn.Linear`` they equal
   (KFAC supports ``nn.Linear`` and ``nn.Conv2d``), the causal-LM loss is
-  ``CrossEntropyLoss`` on ``(B, V, T-1)`` logits against the shifted tokens, so both
-  libraries get the same ``(X, y)`` batches.
+  ``CrossEntropyLoss`` on the ``(B (T-1), V)`` logit rows against the shifted tokens (as
+  HF's own loss flattens them), so both libraries and the gradient get the same ``(X, y)``
+  batches and the same loss layout. The classes-on-axis-1 layout ``(B, V, T-1)`` runs
+  torch's cross-entropy through its strided ("spatial") kernels, slower than on rows for
+  a 50257-class vocabulary; curvlinops flattens it to rows before its loss, torchcurv and
+  a plain gradient do not, so that layout timed the loss's layout more than KFAC. One
+  row, ``grad_classes_axis_1``, keeps that layout's gradient time for reference.
 
 Per problem and library: ``grad`` (one gradient pass over all batches, the unit),
 ``build`` (KFAC factors; EKFAC factors + eigenvalue correction), ``matvec``,
-``inverse_matvec`` (damped factors, and exact damping), each with ``ratio_to_grad``.
+``inverse_matvec`` (damped factors, and exact damping), each with ``ratio_to_grad``;
+``eigh_factors`` times the eigendecompositions EKFAC and the inverses need, on the device
+and on the host, to show which one EKFAC's build should use.
 Builds run with ``check_deterministic=False`` in both libraries (torchcurv's checks walk
-the data twice more; one extra row measures them). hessian-eigenthings has no KFAC.
+the data twice more; one extra row measures them) and are eager in both: curvlinops'
+``compute_kronecker_factors()`` (and ``compute_eigenvalue_correction()``) is called inside
+the timed build, so no product pays for factors. hessian-eigenthings has no KFAC.
 One JSON line per measurement, each with ``nparams``; a ``flop_floor`` row per problem
 gives the FLOPs no implementation avoids (:func:`flop_floor`) and their ratios.
 
@@ -67,20 +76,25 @@ def conv1d_to_linear(module: nn.Module) -> nn.Module:
 
 
 class NextTokenLogits(nn.Module):
-    """``ids -> logits (B, V, T-1)`` of the next tokens: CE's class axis is 1."""
+    """``ids -> logits`` of the next tokens: ``(B (T-1), V)`` rows, or with
+    ``classes_axis_1`` ``(B, V, T-1)`` (CE's class axis 1, its slow strided path)."""
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, classes_axis_1: bool = False) -> None:
         super().__init__()
         self.lm = lm
+        self.classes_axis_1 = classes_axis_1
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=ids).logits[:, :-1].transpose(1, 2)
+        logits = self.lm(input_ids=ids).logits[:, :-1]
+        if self.classes_axis_1:
+            return logits.transpose(1, 2)
+        return logits.reshape(-1, logits.shape[-1])
 
 
 def gpt2_linear_problem(device, small):
     lm, batches = gpt2_problem(device, small=small, num_batches=1)
     model = NextTokenLogits(conv1d_to_linear(lm)).eval()
-    data = [(b["input_ids"], b["input_ids"][:, 1:]) for b in batches]
+    data = [(b["input_ids"], b["input_ids"][:, 1:].reshape(-1)) for b in batches]
     params = [p for m in model.modules() if isinstance(m, nn.Linear)
               for p in m.parameters() if p is not lm.lm_head.weight]
     return model, nn.CrossEntropyLoss(), data, params
@@ -143,6 +157,12 @@ def bench(problem, model, criterion, data, params, device, reps):
          **flop_floor(model, data, params))
     t_grad = timed(gradient_pass(model, criterion, data, params), device, reps=reps)
     emit(problem=problem, lib="torch", what="grad", nparams=n, ms=t_grad * 1e3)
+    if isinstance(model, NextTokenLogits):
+        strided = NextTokenLogits(model.lm, classes_axis_1=True)
+        shaped = [(x, x[:, 1:]) for x, _ in data]
+        t = timed(gradient_pass(strided, criterion, shaped, params), device, reps=reps)
+        emit(problem=problem, lib="torch", what="grad_classes_axis_1", nparams=n,
+             ms=t * 1e3, ratio_to_grad=t / t_grad)
     v = torch.randn(n, device=device)
 
     def row(lib, what, seconds, **extra):
@@ -157,6 +177,15 @@ def bench(problem, model, criterion, data, params, device, reps):
             model, criterion, data, params=params), device), check_deterministic=True)
         K = torchcurv.KFACOperator(model, criterion, data, **settings)
         row("torchcurv", "matvec_kfac", timed(lambda: K @ v, device, reps=reps))
+        # EKFAC's and the inverses' eigendecompositions alone, where they run and on the
+        # host (a GPU's eigh of a few hundred rows is slow next to the pass over the data)
+        factors = {id(t): t for f in K.factors
+                   for t in (f.input_covariance, f.gradient_covariance) if t is not None}
+        on_host = [t.cpu() for t in factors.values()]
+        for where, mats in (("device", list(factors.values())), ("cpu", on_host)):
+            row("torchcurv", "eigh_factors", built(
+                lambda mats=mats: [torch.linalg.eigh(t) for t in mats], device),
+                where=where, sizes=sorted(t.shape[0] for t in mats))
         inv = K.inverse(DAMPING)
         row("torchcurv", "inverse_matvec_kfac", timed(lambda: inv @ v, device, reps=reps),
             damping="factors")

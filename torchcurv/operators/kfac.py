@@ -131,36 +131,48 @@ class _Layer:
 
 class _Blocks:
     """Per-block matrices applied to blocks ``M`` of shape ``(d_out, c, m)`` (``m``
-    vectors, each the block's ``[W, b]``).
+    vectors, each the block's ``[W, b]``), or ``(d_out, c)`` for one vector.
 
     ``scale is None``: ``M -> left M right`` (``right is None``: ``left M``).
     Otherwise the eigenbasis form ``M -> Q_B ((Q_Bᵀ M Q_A) * scale) Q_Aᵀ`` with
-    ``left = Q_B``, ``right = Q_A`` and ``scale`` of shape ``(d_out, c)``.
+    ``left = Q_B``, ``right = Q_A`` and ``scale`` of shape ``(d_out, c)``; a block
+    without ``Q_A`` (a bias alone) is formed once as the ``(d_out, d_out)`` matrix
+    ``Q_B diag(scale) Q_Bᵀ``: one matmul per product instead of two and a scaling.
     """
 
     def __init__(self, left: list[torch.Tensor], right: list[torch.Tensor | None],
                  scale: list[torch.Tensor] | None = None) -> None:
-        self.left, self.right, self.scale = left, right, scale
+        self.left, self.right = list(left), right
+        self.scale: list[torch.Tensor | None] | None = None
+        if scale is not None:
+            self.scale = list(scale)
+            for j, R in enumerate(right):
+                if R is None:
+                    self.left[j] = (left[j] * scale[j][:, 0]) @ left[j].T
+                    self.scale[j] = None
 
     def apply(self, j: int, M: torch.Tensor) -> torch.Tensor:
         left, right = self.left[j], self.right[j]
-        if self.scale is None:
+        scale = None if self.scale is None else self.scale[j]
+        if scale is None or right is None:
             out = _left(left, M)
             return out if right is None else _right(out, right)
-        T = _left(left.T, M)
-        if right is not None:
-            T = _right(T, right)
-        T = _left(left, T * self.scale[j][..., None])
-        return T if right is None else _right(T, right.T)
+        T = _right(_left(left.T, M), right)
+        T = _left(left, T * (scale if M.ndim == 2 else scale[..., None]))
+        return _right(T, right.T)
 
 
 def _left(L: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """``L`` applied to the first axis of ``(d, c, m)``: one matmul."""
+    """``L`` applied to the first axis of ``(d, c)`` or ``(d, c, m)``: one matmul."""
+    if T.ndim == 2:
+        return L @ T
     return (L @ T.reshape(T.shape[0], -1)).reshape(L.shape[0], *T.shape[1:])
 
 
 def _right(T: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """``(d, c, m)`` times ``R`` over its second axis: one matmul (a view for ``m = 1``)."""
+    """``(d, c)`` or ``(d, c, m)`` times ``R`` over its second axis: one matmul."""
+    if T.ndim == 2:
+        return T @ R
     d, c, m = T.shape
     return (T.transpose(1, 2).reshape(d * m, c) @ R).reshape(d, m, -1).transpose(1, 2)
 
@@ -170,17 +182,22 @@ def _kronecker_matmat(op: ParameterOperator, slots: Sequence[_Slot], blocks: _Bl
     """``V -> blockdiag(...) V`` for an ``(n, m)`` block ``V`` of ``op``'s vectors.
 
     A parameter's rows of ``V`` are already its ``(d_out, w, m)`` block (row-major
-    flattening), so no transposes: per block one or two matmuls each side.
+    flattening), so no transposes: per block one or two matmuls each side. One vector
+    goes through plain ``(d_out, w)`` matrices: without the vector axis there are no
+    reshapes and transposes around the matmuls, and for small layers the product's
+    cost is mostly the host's time per operation.
     """
     V = V.to(dtype)
     m = V.shape[1]
     pieces = V.split(op._sizes)
     out: list[torch.Tensor] = list(pieces)
     for j, slot in enumerate(slots):
-        d_out = op._shapes[slot.indices[0]][0]
-        cols = [pieces[i].reshape(d_out, -1, m) for i in slot.indices]
-        M = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
-        R = blocks.apply(j, M)
+        shape = (op._shapes[slot.indices[0]][0], -1) + (() if m == 1 else (m,))
+        cols = [pieces[i].reshape(shape) for i in slot.indices]
+        R = blocks.apply(j, cols[0] if len(cols) == 1 else torch.cat(cols, dim=1))
+        if len(cols) == 1:
+            out[slot.indices[0]] = R.reshape(-1, m)
+            continue
         for idx, piece in zip(slot.indices, R.split(list(slot.widths), dim=1)):
             out[idx] = piece.reshape(-1, m)
     return torch.cat(out).to(op.dtype)
@@ -356,18 +373,19 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                 and layer.bias is not None)
 
     # -- the passes over the data ----------------------------------------------------
-    def _walk(self, on_inputs: Callable[[_Layer, torch.Tensor], None],
-              on_grads: Callable[[_Layer, torch.Tensor | None, torch.Tensor, float], None],
+    def _walk(self, on_inputs: Callable[[_Layer, torch.Tensor], Any],
+              on_grads: Callable[[_Layer, Any, torch.Tensor, float], None],
               keep_inputs: bool = False) -> tuple[BatchLosses, float]:
         """One pass over this rank's data with hooks on the layers.
 
         Per batch (or microbatch): ``on_inputs(layer, x)`` for each call of a layer
         (``x`` its input rows: ``(N_l, S, c)`` for the weight, ``c`` with a 1 appended
         for a joint block, patches for a convolution), then per backpropagated vector
-        ``on_grads(layer, x, g, weight)`` with ``g`` ``(N_l, S, d_out)`` the gradient of
-        that vector at the layer's output (``x`` only with ``keep_inputs``, else
-        ``None``: the inputs are released once ``on_inputs`` has seen them). Returns the
-        batches' losses and the examples.
+        ``on_grads(layer, kept, g, weight)`` with ``g`` ``(N_l, S, d_out)`` the gradient
+        of that vector at the layer's output and ``kept`` what ``on_inputs`` returned
+        for that call with ``keep_inputs`` (so work on the inputs happens once per
+        batch, not once per vector), else ``None``: the inputs are released once
+        ``on_inputs`` has seen them. Returns the batches' losses and the examples.
         """
         losses = BatchLosses()
         examples = 0.0
@@ -407,8 +425,11 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                 loss, vectors, weight = self._backprop_vectors(output, batch, scale, rng)
                 losses.add(i, loss)
                 for layer in self._layers:
-                    for x in inputs.get(layer.name, []):
-                        on_inputs(layer, x)
+                    xs = inputs.get(layer.name, [])
+                    for k, x in enumerate(xs):
+                        kept = on_inputs(layer, x)
+                        if keep_inputs:
+                            xs[k] = kept
                 if not keep_inputs:
                     inputs.clear()
                 tensors = [t for layer in self._layers for t in outputs.get(layer.name, [])]
@@ -492,11 +513,11 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                 rows, share = x.mean(dim=1), 1
             else:
                 rows, share = x.reshape(-1, x.shape[-1]), x.shape[1]
-            _add(A, layer.name, rows.T @ rows / share)
+            _add_gram(A, layer.name, rows, 1 / share)
 
         def on_grads(layer: _Layer, x, g: torch.Tensor, weight: float) -> None:
             rows = g.sum(dim=1) if reduce else g.reshape(-1, g.shape[-1])
-            _add(B, layer.name, (rows.T @ rows) * weight)
+            _add_gram(B, layer.name, rows, weight)
 
         def local() -> tuple[BatchLosses, list[torch.Tensor]]:
             losses, examples = self._walk(on_inputs, on_grads)
@@ -504,12 +525,11 @@ class KFACOperator(SeededDraws, CurvatureOperator):
             for layer in self._layers:
                 d_out = layer.d_out
                 if layer.weight is not None:
-                    c = self._slot_of(layer.weight).widths
-                    size = sum(c)
-                    parts.append(A.get(layer.name, torch.zeros(size, size, dtype=dtype,
-                                                                device=device)))
-                parts.append(B.get(layer.name, torch.zeros(d_out, d_out, dtype=dtype,
-                                                            device=device)))
+                    size = sum(self._slot_of(layer.weight).widths)
+                    parts.append(A[layer.name] if layer.name in A else torch.zeros(
+                        size, size, dtype=dtype, device=device))
+                parts.append(B[layer.name] if layer.name in B else torch.zeros(
+                    d_out, d_out, dtype=dtype, device=device))
             parts.append(torch.tensor([examples], dtype=dtype, device=device))
             return losses, parts
 
@@ -740,6 +760,7 @@ class EKFACOperator(KFACOperator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._corrected = self._compute_corrections()
+        self._eigenbasis_blocks: _Blocks | None = None
 
     def _compute_corrections(self) -> list[torch.Tensor]:
         eig = self._eigendecompositions()
@@ -749,24 +770,35 @@ class EKFACOperator(KFACOperator):
         E = [torch.zeros(s_eig[0].shape[0], sum(s.widths), dtype=self.factor_dtype,
                          device=self.device) for s, s_eig in zip(self._slots, eig)]
 
-        def on_grads(layer: _Layer, x, g: torch.Tensor, weight: float) -> None:
+        def on_inputs(layer: _Layer, x: torch.Tensor) -> dict[int, torch.Tensor]:
+            # the inputs in the eigenbasis, once per batch for all its backpropagated
+            # vectors (x has the 1 appended exactly when the block is joint)
+            return {j: x @ q for j in slots_of[layer.name] if (q := eig[j][3]) is not None}
+
+        def on_grads(layer: _Layer, xq, g: torch.Tensor, weight: float) -> None:
+            rotated: dict[int, torch.Tensor] = {}  # a weight and its bias share Q_B
             for j in slots_of[layer.name]:
                 _, qb, _, qa = eig[j]
-                gq = g @ qb  # (N, S, d_out)
+                if id(qb) not in rotated:
+                    rotated[id(qb)] = g @ qb  # (N, S, d_out)
+                gq = rotated[id(qb)]
                 if qa is None:
-                    E[j] += (gq.sum(dim=1) ** 2).sum(dim=0)[:, None] * weight
-                else:  # x has the 1 appended exactly when the block is joint
-                    E[j] += _squared_per_example_gradients(gq, x @ qa) * weight
+                    E[j].add_((gq.sum(dim=1) ** 2).sum(dim=0)[:, None], alpha=weight)
+                else:
+                    E[j].add_(_squared_per_example_gradients(gq, xq[j]), alpha=weight)
 
         def local():
-            losses, _ = self._walk(lambda layer, x: None, on_grads, keep_inputs=True)
+            losses, _ = self._walk(on_inputs, on_grads, keep_inputs=True)
             return losses, E
 
         return self._summed_over_ranks(local, "the construction of EKFAC's eigenvalues")
 
     def _blocks(self) -> _Blocks:
-        eig = self._eigendecompositions()
-        return _Blocks([e[1] for e in eig], [e[3] for e in eig], self._corrected)
+        if self._eigenbasis_blocks is None:  # formed once: bias blocks are matmuls
+            eig = self._eigendecompositions()
+            self._eigenbasis_blocks = _Blocks([e[1] for e in eig], [e[3] for e in eig],
+                                              self._corrected)
+        return self._eigenbasis_blocks
 
     def _block_eigenvalues(self) -> list[torch.Tensor]:
         return self._corrected
@@ -824,11 +856,17 @@ class KFACInverseOperator(ParameterOperator):
 
 
 # -- helpers -------------------------------------------------------------------------
-def _add(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+def _add_gram(store: dict[str, torch.Tensor], key: str, rows: torch.Tensor,
+              alpha: float) -> None:
+    """``store[key] += alpha rowsᵀ rows`` (``rows`` ``(R, c)``): one ``addmm_``, the scale
+    and the sum in the matmul's epilogue, instead of a matmul, a scaling and an addition
+    with two ``(c, c)`` temporaries per batch."""
     if key in store:
-        store[key] += value
+        store[key].addmm_(rows.T, rows, alpha=alpha)
     else:
-        store[key] = value
+        store[key] = torch.mm(rows.T, rows)
+        if alpha != 1:
+            store[key].mul_(alpha)
 
 
 def _squared_per_example_gradients(gq: torch.Tensor, xq: torch.Tensor,
