@@ -15,10 +15,16 @@ transforms included, without a ``(T, T)`` matrix in memory:
   runs as one launch that reads one copy of the primals (``torch.func.jvp`` under
   ``vmap``, as the GGN's ``jvp="forward"`` products run it).
 
-Second derivatives (the exact Hessian's double backward, forward-over-reverse) are not
-implemented: differentiating the backward or pushing tangents through it raises. That is
-why :func:`torchcurv.operators.attention.differentiable_attention` routes SDPA here only
-under ``order="jvp"``.
+* JVP of the backward (forward over reverse: ``torch.func.jvp`` of ``torch.func.grad``,
+  the exact Hessian's ``method="forward_over_reverse"``): the tangents of ``dQ, dK, dV``
+  by the product rule through ``dS = P ∘ (dP - delta)``, with ``Ṗ = P ∘ (Ṡ - l̇se)``,
+  ``dṖ = dȮ Vᵀ + dO V̇ᵀ``, ``deltȧ = rowsum(dȮ ∘ O + dO ∘ Ȯ)``; same tiles as the
+  backward, ``P`` and ``Ṗ`` recomputed per tile.
+
+Reverse-over-reverse (double backward, ``method="autograd"``) and derivatives of the JVP
+are not implemented: they raise. That is why
+:func:`torchcurv.operators.attention.differentiable_attention` routes SDPA here only
+under ``order="jvp"`` (forward mode, first-order backward, forward over reverse).
 
 Memory: the output, ``lse`` (``B * H * T`` floats) and, in the backward, float32 ``dQ, dK,
 dV`` per query head (GQA groups are summed after). Boolean or additive masks are read
@@ -57,7 +63,8 @@ def unsupported_reason(query: Any, key: Any, value: Any, attn_mask: Any = None,
     under the interpreter) of one dtype among float16/bfloat16/float32/float64; head
     dims at most 128; ``K, V`` with ``H`` heads or, with ``enable_gqa``, a divisor of it;
     no dropout; no mask together with ``is_causal`` (SDPA rejects that too); a boolean or
-    query-dtype mask that broadcasts to ``(B, H, Tq, Tk)`` and carries no gradient.
+    query-dtype mask that broadcasts to ``(B, H, Tq, Tk)`` and carries no gradient or
+    tangent (an additive mask computed from a torch.func transform's inputs is refused).
     """
     if not triton_installed():
         return "triton is not installed"
@@ -93,6 +100,10 @@ def unsupported_reason(query: Any, key: Any, value: Any, attn_mask: Any = None,
             return "attn_mask must be boolean or of the query's dtype"
         if attn_mask.requires_grad:
             return "attn_mask requires grad (its gradient is not computed)"
+        if attn_mask.is_floating_point() and _traced(attn_mask):
+            # Inside torch.func.jvp (the GGN's jvp="forward") a parameter's requires_grad
+            # reads False, yet it may carry a tangent, which the kernels do not push.
+            return "attn_mask is traced by a torch.func transform (it may carry a tangent)"
         try:
             shape = torch.broadcast_shapes(attn_mask.shape, (b, h, tq, tk))
         except RuntimeError:
@@ -101,6 +112,12 @@ def unsupported_reason(query: Any, key: Any, value: Any, attn_mask: Any = None,
             return (f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                     f"{(b, h, tq, tk)}")
     return None
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a torch.func wrapper (a dual or batched tensor, or one that a
+    ``grad`` level tracks), i.e. derived from a transform's inputs."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -175,6 +192,42 @@ def _fold_all(info: Any, in_dims: tuple, primals: tuple, others: tuple):
     return folded, [_fold(t, d, n) for t, d in zip(others, other_dims)]
 
 
+def _accumulation(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``rowsum(a ∘ b)`` over the last axis in the accumulation dtype. One batch may be a
+    multiple of the other's (a folded block against one copy of the primals, never
+    expanded); the result has the larger, vector-major."""
+    if a.shape[0] < b.shape[0]:
+        a, b = b, a
+    out = (a.to(_accumulation(b)).reshape(a.shape[0] // b.shape[0], *b.shape)
+           * b.to(_accumulation(b))).sum(-1)
+    return out.reshape(a.shape[0], *out.shape[2:])
+
+
+def _delta(grad_o: torch.Tensor, o: torch.Tensor, grad_lse: torch.Tensor | None):
+    """The backward's ``delta_i = <dO_i, O_i> - g_lse_i``."""
+    delta = _rowdot(grad_o, o)
+    return delta if grad_lse is None else delta - grad_lse.to(delta.dtype)
+
+
+def _at(t: torch.Tensor, z: int) -> torch.Tensor:
+    """``t`` repeated to batch ``z`` (a multiple of its own), vector-major."""
+    return t if t.shape[0] == z else t.repeat(z // t.shape[0], *(1,) * (t.ndim - 1))
+
+
+def _per_kv_head(dq, dk, dv, q, k, v):
+    """The kernels' per-query-head ``dK, dV`` summed over each GQA group, all three in the
+    inputs' dtypes."""
+    z, hk = dq.shape[0], k.shape[1]
+    if hk != q.shape[1]:
+        dk = dk.reshape(z, hk, -1, *dk.shape[2:]).sum(2)
+        dv = dv.reshape(z, hk, -1, *dv.shape[2:]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 class _Attention(torch.autograd.Function):
     """``(O, lse)``; ``lse`` is differentiable too (its tangent comes for free in the
     JVP and its cotangent folds into the backward's ``delta``)."""
@@ -220,14 +273,15 @@ class _Attention(torch.autograd.Function):
 
 
 _NO_SECOND_ORDER = (
-    "second derivatives through torchcurv's Triton attention are not implemented (it has "
-    "a backward and a JVP, not their derivatives); run products that need them under "
-    "differentiable_attention(order='second'), which keeps SDPA's math backend")
+    "this derivative through torchcurv's Triton attention is not implemented (it has a "
+    "backward, a JVP and the JVP of its backward, i.e. forward over reverse, but no "
+    "backward of the backward or of a JVP, and no JVP of a JVP); run products that need "
+    "it under differentiable_attention(order='second'), which keeps SDPA's math backend")
 
 
 class _NotDifferentiable(torch.autograd.Function):
-    """The derivative kernels: differentiating them again raises instead of returning
-    a wrong (zero) second derivative."""
+    """The derivative kernels: a derivative they do not define raises instead of
+    returning a wrong (zero) one."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -243,24 +297,34 @@ class _NotDifferentiable(torch.autograd.Function):
 
 
 class _AttentionBackward(_NotDifferentiable):
-    """``(dQ, dK, dV)`` from the output's and lse's cotangents; not differentiable."""
+    """``(dQ, dK, dV)`` from the output's and lse's cotangents; forward-mode
+    differentiable (:class:`_AttentionBackwardJvp`), not reverse-mode."""
 
     @staticmethod
     def forward(q, k, v, mask, o, lse, grad_o, grad_lse, is_causal, scale):
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        z, bp = grad_o.shape[0], q.shape[0]
-        # delta_i = <dO_i, O_i> - g_lse_i, with O read once for every folded vector.
-        delta = (grad_o.to(acc).reshape(z // bp, *o.shape) * o.to(acc)).sum(-1)
-        delta = delta.reshape(z, *delta.shape[2:])
-        if grad_lse is not None:
-            delta = delta - grad_lse.to(acc)
-        dq, dk, dv = _kernels().attention_backward(q, k, v, mask, lse, grad_o, delta,
-                                                   is_causal, scale)
-        hk = k.shape[1]
-        if hk != q.shape[1]:
-            dk = dk.reshape(z, hk, -1, *dk.shape[2:]).sum(2)
-            dv = dv.reshape(z, hk, -1, *dv.shape[2:]).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dq, dk, dv = _kernels().attention_backward(q, k, v, mask, lse, grad_o,
+                                                   _delta(grad_o, o, grad_lse), is_causal,
+                                                   scale)
+        return _per_kv_head(dq, dk, dv, q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, o, lse, grad_o, grad_lse, is_causal, scale = inputs
+        ctx.save_for_forward(q, k, v, mask, o, lse, grad_o, grad_lse)
+        ctx.is_causal, ctx.scale = is_causal, scale
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, tmask, to, tlse, tgrad_o, tgrad_lse, _is_causal, _scale):
+        q, k, v, mask, o, lse, grad_o, grad_lse = ctx.saved_tensors
+        # tmask is ignored: the mask is the forward's, whose JVP rule refuses a mask with a
+        # tangent, so this one is zero (functorch hands an additive mask a zero tensor).
+        tangents = (tq, tk, tv, to, tlse, tgrad_o, tgrad_lse)
+        if all(t is None for t in tangents):
+            z = grad_o.shape[0]
+            return tuple(torch.zeros(z, *t.shape[1:], dtype=t.dtype, device=t.device)
+                         for t in (q, k, v))
+        return _AttentionBackwardJvp.apply(q, k, v, mask, o, lse, grad_o, grad_lse,
+                                           *tangents, ctx.is_causal, ctx.scale)
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, mask, o, lse, grad_o, grad_lse, is_causal, scale):
@@ -285,3 +349,54 @@ class _AttentionJvp(_NotDifferentiable):
             info, in_dims[:9], (q, k, v, mask, o, lse), (tq, tk, tv))
         out = _AttentionJvp.apply(q, k, v, mask, o, lse, *tangents, is_causal, scale)
         return tuple(_unfold(t, info.batch_size) for t in out), (0, 0)
+
+
+class _AttentionBackwardJvp(_NotDifferentiable):
+    """The tangents of :class:`_AttentionBackward`'s ``(dQ, dK, dV)`` (forward over
+    reverse, the exact Hessian's ``torch.func.jvp`` of ``torch.func.grad``); not
+    differentiable.
+
+    Inputs: the backward's primals ``q, k, v, mask, o, lse, grad_o, grad_lse``, then the
+    tangents of ``q, k, v, o, lse, grad_o, grad_lse`` (``None`` for zero). ``P`` is read
+    back from ``lse``, so ``Ṗ = P ∘ (Ṡ - l̇se)`` takes the lse tangent as given, and
+    ``deltȧ = rowsum(dȮ ∘ O + dO ∘ Ȯ) - ġ_lse``. Memory: the outputs and row vectors;
+    a missing tangent of ``q, k, v`` or ``grad_o`` is filled with zeros (each kernel tile
+    then has one code path; forward-over-reverse gives them all).
+    """
+
+    @staticmethod
+    def forward(q, k, v, mask, o, lse, grad_o, grad_lse, tq, tk, tv, to, tlse, tgrad_o,
+                tgrad_lse, is_causal, scale):
+        tangents = (tq, tk, tv, to, tlse, tgrad_o, tgrad_lse)
+        z = max(t.shape[0] for t in (q, grad_o, *tangents) if t is not None)
+        if grad_o.shape[0] < o.shape[0]:  # batched primals, one cotangent for all
+            grad_o = _at(grad_o, o.shape[0])
+            grad_lse = None if grad_lse is None else _at(grad_lse, o.shape[0])
+        rows = [_rowdot(tgrad_o, o) if tgrad_o is not None else None,
+                _rowdot(grad_o, to) if to is not None else None,
+                None if tgrad_lse is None else -tgrad_lse.to(_accumulation(q))]
+        tdelta = sum((_at(r, z) for r in rows if r is not None),
+                     torch.zeros(z, *lse.shape[1:], dtype=_accumulation(q), device=q.device))
+
+        def filled(t, like):
+            if t is None:
+                return torch.zeros(z, *like.shape[1:], dtype=like.dtype, device=like.device)
+            return _at(t.to(like.dtype), z)
+
+        dq, dk, dv = _kernels().attention_backward_jvp(
+            q, k, v, mask, lse, grad_o, _delta(grad_o, o, grad_lse), filled(tq, q),
+            filled(tk, k), filled(tv, v), filled(tlse, lse), filled(tgrad_o, grad_o),
+            tdelta, is_causal, scale)
+        return _per_kv_head(dq, dk, dv, q, k, v)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, mask, o, lse, grad_o, grad_lse, tq, tk, tv, to, tlse,
+             tgrad_o, tgrad_lse, is_causal, scale):
+        n = info.batch_size
+        (q, k, v, mask, o, lse), _ = _fold_all(info, in_dims[:6], (q, k, v, mask, o, lse), ())
+        # Unbatched cotangents stay one copy (the kernels read them at z mod their batch);
+        # forward repeats an unbatched tangent (forward over reverse batches them all).
+        rest = [t if d is None else _fold(t, d, n) for t, d in zip(
+            (grad_o, grad_lse, tq, tk, tv, to, tlse, tgrad_o, tgrad_lse), in_dims[6:15])]
+        out = _AttentionBackwardJvp.apply(q, k, v, mask, o, lse, *rest, is_causal, scale)
+        return tuple(_unfold(t, n) for t in out), (0, 0, 0)

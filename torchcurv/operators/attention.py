@@ -11,11 +11,12 @@ aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented`` 
 softmax, differentiable to any order.
 
 With ``order="jvp"`` (products that need forward-mode AD and first-order backward only,
-as the GGN's ``jvp="forward"``), SDPA calls that the Triton kernel of
+as the GGN's ``jvp="forward"``, or forward mode over a first-order backward, as the
+Hessian's ``method="forward_over_reverse"``), SDPA calls that the Triton kernel of
 :mod:`torchcurv.kernels.flash_attention` handles go there instead (CUDA with triton
 installed): exact like the math backend, but without the ``(T, T)`` matrix. The default
 ``order="second"`` keeps the math backend for every call, because that kernel has no
-second derivatives.
+double backward.
 
 Attention that does not go through SDPA (the ``flash-attn`` package behind HuggingFace's
 ``"flash_attention_2"``, custom Triton kernels) is untouched by this and still fails
@@ -83,10 +84,12 @@ def _kernel_may_apply() -> bool:
 def differentiable_attention(order: AttentionOrder = "second") -> Iterator[None]:
     """Restrict SDPA to its math backend inside the block; restore the caller's choice after.
 
-    ``order="second"``: products may differentiate attention twice (the exact Hessian,
-    ``jvp="double_vjp"``), so every SDPA call takes the math backend. ``order="jvp"``:
-    they need at most forward-mode AD and a first-order backward (the GGN with
-    ``jvp="forward"``); this thread's SDPA calls that
+    ``order="second"``: products may differentiate attention twice in reverse mode (the
+    exact Hessian by ``method="autograd"``, ``jvp="double_vjp"``), so every SDPA call
+    takes the math backend. ``order="jvp"``: they need at most forward-mode AD and a
+    first-order backward, possibly forward mode through that backward (the GGN with
+    ``jvp="forward"``, the Hessian with ``method="forward_over_reverse"``); this thread's
+    SDPA calls that
     :func:`~torchcurv.kernels.flash_attention.unsupported_reason` accepts (CUDA tensors,
     triton installed; CPU tensors only under ``TRITON_INTERPRET=1``) run the Triton
     kernel, the rest the math backend. A "jvp" block nested in a "second" one (or the
