@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, ClassVar, Literal, overload
+import types
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, overload
+
+import torch
 
 from torchcurv.operators.attention import differentiable_attention
-from torchcurv.operators.functional import serialised_transforms
+from torchcurv.operators.functional import BoundCall, compile_errors, serialised_transforms
 
 if TYPE_CHECKING:
     from torchcurv.derivatives.hessian import HessianStrategy
     from torchcurv.derivatives.jvp import JvpStrategy
+    from torchcurv.operators.curvature import CurvatureOperator
+
+# The torch.compile backend of compiled products; the tests set "aot_eager" (dynamo and
+# AOTAutograd without inductor's C++ build, which takes tens of seconds per graph on a CPU).
+_COMPILE_BACKEND = "inductor"
 
 
 class Strategy:
@@ -30,6 +40,11 @@ class Strategy:
             once per block.
         perturbs_params: writes perturbed values into the parameters (restored bit for
             bit), so one operator must not be shared by threads.
+        can_compile: has a ``torch.compile`` path (``compile=True``): its per-batch
+            derivative is ``torch.func`` transforms only, which dynamo traces; double
+            backward (``torch.autograd.grad`` with ``create_graph``) is not traced.
+        compile: products run the compiled path (:class:`CompiledKernel`), chosen at
+            construction.
     """
 
     name: ClassVar[str]
@@ -38,6 +53,23 @@ class Strategy:
     supports_fsdp: ClassVar[bool] = False
     walks_data_per_vector: ClassVar[bool] = False
     perturbs_params: ClassVar[bool] = False
+    can_compile: ClassVar[bool] = False
+
+    def __init__(self, compile: bool = False) -> None:
+        self.compile = compile
+        # one compiled kernel per kernel function, made at the first product
+        self._compiled: dict[Callable[..., Any], CompiledKernel] = {}
+
+    def compiled(self, op: CurvatureOperator, kernel: Callable[..., Any],
+                 call: Callable[[Any, Any], torch.Tensor]) -> CompiledKernel:
+        """``kernel`` compiled for ``op``'s products with ``BoundCall(op.model, call)``,
+        made at the first call and reused: a compiled function is no per-product state,
+        and a fresh module per product would fail dynamo's guards and recompile."""
+        found = self._compiled.get(kernel)
+        if found is None:
+            found = self._compiled[kernel] = CompiledKernel(kernel, BoundCall(op.model, call),
+                                                            op.device)
+        return found
 
     @property
     def restricts_attention(self) -> bool:
@@ -48,13 +80,17 @@ class Strategy:
         return self.needs_second_order or self.needs_forward_mode
 
     def attention(self) -> contextlib.AbstractContextManager[None]:
-        """The SDPA restriction a product runs under: math backend for second order,
-        ``order="jvp"`` (forward-mode capable kernels) for forward mode only, none for
-        first-order strategies."""
-        if self.needs_second_order:
+        """The SDPA restriction a product runs under: math backend for second order by
+        double backward; ``order="jvp"`` (the Triton attention where it applies, math
+        otherwise) for forward mode, including a strategy that needs both, whose second
+        order is forward mode over a first-order backward (forward over reverse, which
+        the kernel differentiates); none for first-order strategies. Compiled products
+        keep the math backend: dynamo cannot trace the kernel's autograd.Functions under
+        torch.func transforms ("Cannot access storage of TensorWrapper")."""
+        if self.needs_second_order and not self.needs_forward_mode:
             return differentiable_attention("second")
         if self.needs_forward_mode:
-            return differentiable_attention("jvp")
+            return differentiable_attention("second" if self.compile else "jvp")
         return contextlib.nullcontext()
 
     def serialised(self) -> contextlib.AbstractContextManager[None]:
@@ -64,16 +100,79 @@ class Strategy:
         return serialised_transforms() if self.needs_forward_mode else contextlib.nullcontext()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
+        return f"<{type(self).__name__} {self.name!r}{' compiled' if self.compile else ''}>"
+
+
+class CompiledKernel:
+    """A per-batch kernel of one operator under ``torch.compile`` (``dynamic=False``,
+    ``fullgraph=True``: a graph break raises instead of running part of it eagerly), with
+    the :class:`~torchcurv.operators.functional.BoundCall` it differentiates (``bound``).
+
+    The kernel runs as a copy of its function with a code object of its own, since
+    dynamo keeps compiled graphs and counts recompiles per code object: this operator's
+    graphs are its own, and other operators' do not use up its recompile budget. It
+    compiles once per batch shape and block width ``m`` (dim 0 of the vectors' blocks),
+    up to ``torch._dynamo.config.recompile_limit`` graphs (8 by default); products of
+    further shapes run the kernel uncompiled, with one ``RuntimeWarning``. Python floats
+    among the arguments (a batch's share of the loss) are passed as float64 tensors on
+    the operator's device: as constants of the graph they would recompile it for every
+    batch weight.
+    """
+
+    def __init__(self, kernel: Callable[..., Any], bound: BoundCall, device: torch.device
+                 ) -> None:
+        own = types.FunctionType(kernel.__code__.replace(), kernel.__globals__,
+                                 kernel.__name__, kernel.__defaults__, kernel.__closure__)
+        own.__kwdefaults__ = kernel.__kwdefaults__
+        self.bound = bound
+        self.device = device
+        self._kernel = kernel
+        self._run = torch.compile(own, dynamic=False, fullgraph=True,
+                                  backend=_COMPILE_BACKEND)
+        self._over_limit_warned = False
+
+    def __call__(self, *args: Any) -> Any:
+        # torch.full, a fill kernel: no copy from host memory (which a CUDA graph being
+        # recorded would refuse)
+        args = tuple(torch.full((), a, dtype=torch.float64, device=self.device)
+                     if isinstance(a, float) else a for a in args)
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        with compile_errors():
+            try:
+                return self._run(*args)
+            except FailOnRecompileLimitHit:
+                # fullgraph=True makes dynamo raise here instead of running uncompiled;
+                # the shapes compiled so far keep their graphs
+                self._warn_over_limit()
+                return self._kernel(*args)
+
+    def _warn_over_limit(self) -> None:
+        if self._over_limit_warned:
+            return
+        self._over_limit_warned = True
+        warnings.warn(
+            f"compile=True: {self._kernel.__name__} has reached "
+            f"torch._dynamo.config.recompile_limit "
+            f"({torch._dynamo.config.recompile_limit}) graphs for this operator, one per "
+            "batch shape and block width; products of new shapes run uncompiled (the "
+            "same numbers, at eager speed). Give the data fewer batch shapes, use one "
+            "block width, or raise the limit",
+            RuntimeWarning, stacklevel=2,
+        )
 
 
 @overload
-def strategy_for(argument: Literal["method"], name: str) -> HessianStrategy: ...
+def strategy_for(argument: Literal["method"], name: str, *, compile: bool = False
+                 ) -> HessianStrategy: ...
 @overload
-def strategy_for(argument: Literal["jvp"], name: str) -> JvpStrategy: ...
-def strategy_for(argument: str, name: str) -> Strategy:
+def strategy_for(argument: Literal["jvp"], name: str, *, compile: bool = False
+                 ) -> JvpStrategy: ...
+def strategy_for(argument: str, name: str, *, compile: bool = False) -> Strategy:
     """The strategy that ``method=name`` (the Hessian's) or ``jvp=name`` (the ``Jᵀ C J``
-    operators') selects; a ``ValueError`` listing the choices for any other name."""
+    operators') selects, compiled with ``compile=True``; a ``ValueError`` listing the
+    choices for any other name, and naming those with a compiled path where ``name`` has
+    none."""
     from torchcurv.derivatives.hessian import HESSIAN_STRATEGIES
     from torchcurv.derivatives.jvp import JVP_STRATEGIES
 
@@ -84,4 +183,13 @@ def strategy_for(argument: str, name: str) -> Strategy:
     choices = registries[argument]
     if not isinstance(name, str) or name not in choices:
         raise ValueError(f"{argument} must be one of {tuple(choices)}, got {name!r}")
-    return choices[name]()
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if compile and not choices[name].can_compile:
+        compilable = tuple(k for k, c in choices.items() if c.can_compile)
+        raise ValueError(
+            f"compile=True: {argument}={name!r} has no compiled path (the compiled paths are "
+            f"torch.func transforms; torch.compile does not trace double backward); "
+            f"{argument} in {compilable} have one"
+        )
+    return choices[name](compile=compile)

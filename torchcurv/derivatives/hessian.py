@@ -14,7 +14,13 @@ import torch
 
 from torchcurv.derivatives.base import Strategy
 from torchcurv.dtypes import accumulation_dtype
-from torchcurv.operators.functional import batched_hvp, finite_difference_step
+from torchcurv.losses.forward_mode import forward_mode_objective
+from torchcurv.operators.functional import (
+    batched_hvp,
+    finite_difference_step,
+    forward_over_reverse_kernel,
+    gradient_kernel,
+)
 from torchcurv.operators.model_guard import preserved
 
 if TYPE_CHECKING:
@@ -49,8 +55,12 @@ class _PerBatch(HessianStrategy):
 
     def batch_matmat(self, op: CurvatureOperator, batch: Batch, scale: torch.Tensor | float,
                      blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        compiled = (self.compiled(op, forward_over_reverse_kernel,
+                                  forward_mode_objective(op.objective))
+                    if self.compile else None)
         return batched_hvp(op.model, op.objective, batch, scale, op.param_names, op.params,
-                           blocks, forward_over_reverse=self.forward_over_reverse)
+                           blocks, forward_over_reverse=self.forward_over_reverse,
+                           compiled=compiled)
 
 
 class DoubleBackward(_PerBatch):
@@ -64,12 +74,14 @@ class DoubleBackward(_PerBatch):
 
 class ForwardOverReverse(_PerBatch):
     """``method="forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``,
-    vmapped over the block; one product at a time process-wide."""
+    vmapped over the block; one product at a time process-wide. Compiled, the whole
+    per-batch product (forward, backward, its forward-mode derivative) is one graph."""
 
     name = "forward_over_reverse"
     needs_second_order = True
     needs_forward_mode = True
     forward_over_reverse = True
+    can_compile = True
 
 
 class FiniteDifferenceHessian(HessianStrategy):
@@ -81,13 +93,15 @@ class FiniteDifferenceHessian(HessianStrategy):
     gradients are added into and the ``-`` side's subtracted from, batch by batch; the
     model's gradients are never copied to another dtype (low-precision gradients are
     added into the float32 buffer directly). The parameters go ``θ -> θ + h v`` and
-    then ``-> θ - h v`` with one in-place ``add_`` each.
+    then ``-> θ - h v`` with one in-place ``add_`` each. Compiled, each gradient is
+    ``torch.func.grad`` of the batch loss as one graph (not on FSDP2 models).
     """
 
     name = "finite_difference"
     supports_fsdp = True
     walks_data_per_vector = True
     perturbs_params = True
+    can_compile = True
 
     def local_matmat(self, op, V):
         from torchcurv.operators.curvature import BatchLosses
@@ -99,6 +113,12 @@ class FiniteDifferenceHessian(HessianStrategy):
         # a one-vector block accumulates straight into its result
         buffer = total[:, 0] if m == 1 else torch.empty_like(total[:, 0])
         into = _parameter_views(buffer, op.params)
+        gradient = None
+        if self.compile:
+            kernel = self.compiled(op, gradient_kernel, op.objective)
+
+            def gradient(batch, scale):
+                return kernel(kernel.bound, batch, scale, op.param_names, op.params)
         # preserved gives the model back (grads, buffers, attributes); the parameters are
         # restored from `origin`, the one copy, after every vector and on any exit.
         with sharding.perturbing(op.model), preserved(op.model):
@@ -116,7 +136,7 @@ class FiniteDifferenceHessian(HessianStrategy):
                         with torch.no_grad():
                             for p, d in zip(op.params, pieces):
                                 p.add_(d, alpha=alpha)
-                        sharding.add_gradient(op, into, add, losses)
+                        sharding.add_gradient(op, into, add, losses, gradient)
                     with torch.no_grad():
                         for p, o in zip(op.params, origin):
                             p.copy_(o)

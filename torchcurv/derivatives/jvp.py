@@ -14,6 +14,7 @@ import torch
 
 from torchcurv.derivatives.base import Strategy
 from torchcurv.operators.jacobian import (
+    forward_jvp_kernel,
     forward_with_graph,
     jvp_double_vjp,
     jvp_finite_difference,
@@ -61,15 +62,20 @@ class JvpStrategy(Strategy):
 
 class ForwardJvp(JvpStrategy):
     """``jvp="forward"``: ``torch.func.jvp`` vmapped over the block; about one forward
-    with tangents per vector; one product at a time process-wide."""
+    with tangents per vector; one product at a time process-wide. Compiled, ``J V`` is
+    one graph; the forward that records the graph for ``Jᵀ`` and the batched backward
+    through it (``is_grads_batched``) stay eager, as for every ``jvp=``."""
 
     name = "forward"
     needs_forward_mode = True
+    can_compile = True
 
     def jacobian_block(self, op, batch, blocks, product):
         output = forward_with_graph(op.model, op.objective, batch)
+        compiled = (self.compiled(op, forward_jvp_kernel, op.objective.forward)
+                    if self.compile else None)
         return output, jvp_forward_mode(op.model, op.objective, batch, op.param_names,
-                                        op.params, blocks)
+                                        op.params, blocks, compiled=compiled)
 
 
 class DoubleVjp(JvpStrategy):

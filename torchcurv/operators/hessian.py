@@ -89,7 +89,7 @@ class HessianOperator(CurvatureOperator):
 
     def _build(self, config: CurvatureConfig) -> None:
         assert isinstance(config, HessianConfig)
-        self.derivative = strategy_for("method", config.method)
+        self.derivative = strategy_for("method", config.method, compile=config.compile)
         self.method = config.method
         super()._build(config)
 

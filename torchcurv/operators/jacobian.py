@@ -7,7 +7,7 @@ blocks of output-space vectors as ``(m, *output.shape)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -17,9 +17,13 @@ from torchcurv.objectives import Objective
 from torchcurv.operators.functional import (
     BoundCall,
     finite_difference_step,
+    forward_mode_errors,
     norm_of,
-    vmapped_forward_mode,
+    over_vectors,
 )
+
+if TYPE_CHECKING:
+    from torchcurv.derivatives.base import CompiledKernel
 
 Batch = Any
 
@@ -40,23 +44,42 @@ def jvp_forward_mode(
     names: Sequence[str],
     params: Sequence[torch.Tensor],
     blocks: Sequence[torch.Tensor],
+    *,
+    compiled: CompiledKernel | None = None,
 ) -> torch.Tensor:
-    """``J V`` by forward-mode AD (``torch.func.jvp``, vmapped over the block).
+    """``J V`` by forward-mode AD (``torch.func.jvp``, vmapped over the block):
+    :func:`forward_jvp_kernel`, or ``compiled``, that kernel compiled for this operator
+    (with its own :class:`~torchcurv.operators.functional.BoundCall` of
+    ``objective.forward``).
 
     Costs about one extra forward pass with tangents per vector (batched). Runs under
-    :func:`~torchcurv.operators.functional.serialised_transforms`: one thread at a time.
+    :func:`~torchcurv.operators.functional.forward_mode_errors`: one thread at a time.
     """
-    bound = BoundCall(model, objective.forward, batch)
+    bound = BoundCall(model, objective.forward) if compiled is None else compiled.bound
+    with forward_mode_errors(
+            "construct the operator with jvp='double_vjp' (needs double backward) or "
+            "jvp='finite_difference'"):
+        return (compiled or forward_jvp_kernel)(bound, batch, names, params, blocks)
+
+
+def forward_jvp_kernel(
+    bound: BoundCall,
+    batch: Batch,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    blocks: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """``J V`` of shape ``(m, *output.shape)``: ``torch.func.jvp`` over the block
+    (:func:`~torchcurv.operators.functional.over_vectors`); only ``torch.func``
+    transforms, so ``torch.compile`` traces it."""
     keys = ["model." + n for n in names]
     primals = tuple(p.detach() for p in params)
 
     def tangent(*vs: torch.Tensor) -> torch.Tensor:
-        return jvp(lambda *ps: functional_call(bound, dict(zip(keys, ps)), ()), primals, vs)[1]
+        return jvp(lambda *ps: functional_call(bound, dict(zip(keys, ps)), (batch,)),
+                   primals, vs)[1]
 
-    return vmapped_forward_mode(
-        tangent, blocks,
-        advice="construct the operator with jvp='double_vjp' (needs double backward) or "
-        "jvp='finite_difference'")
+    return over_vectors(tangent, blocks)
 
 
 def jvp_double_vjp(

@@ -40,8 +40,9 @@ def finite_difference_reference(op: LinearOperator) -> Product:
 def rebuild(op: CurvatureOperator, **changes: Any) -> CurvatureOperator:
     """``op.replace(**changes)`` without repeating the construction checks already passed
     on ``op``: the same matrix, so a reference differs only in how its products are
-    computed."""
-    return op.replace(check_deterministic=False, **changes)
+    computed; eager (``compile=False``), so that it also checks a compiled ``op``, and
+    since ``jvp="finite_difference"`` has no compiled path."""
+    return op.replace(check_deterministic=False, compile=False, **changes)
 
 
 def curvlinops_reference(op: LinearOperator) -> Product:
