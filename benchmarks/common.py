@@ -142,13 +142,13 @@ def measure_products(problem, lib, method, op_matvec, op_matmat, n, device, t_gr
     """Emit one product's time, ratio to the gradient and peak; then a block of 16."""
     v = torch.randn(n, device=device)
     t = timed(lambda: op_matvec(v), device, reps=reps)
-    rec = dict(problem=problem, lib=lib, method=method, what="hvp", ms=t * 1e3,
+    rec = dict(problem=problem, lib=lib, method=method, what="hvp", nparams=n, ms=t * 1e3,
                ratio_to_grad=t / t_grad, peak_gib=peak_gib(device, lambda: op_matvec(v)))
     emit(**rec)
     if op_matmat is not None:
         V = torch.randn(n, 16, device=device)
         t16 = timed(lambda: op_matmat(V), device, reps=max(2, reps // 2), warmup=1)
-        emit(problem=problem, lib=lib, method=method, what="matmat16", ms=t16 * 1e3,
+        emit(problem=problem, lib=lib, method=method, what="matmat16", nparams=n, ms=t16 * 1e3,
              ms_per_vec=t16 * 1e3 / 16, ratio_per_vec_to_grad=t16 / 16 / t_grad,
              peak_gib=peak_gib(device, lambda: op_matmat(V)))
 

@@ -105,6 +105,24 @@ def test_spectrum_of_a_module_function_writes_json(tmp_path, monkeypatch):
         assert row["eigenvalues"] == pytest.approx(expected, rel=1e-8)
 
 
+def test_spectrum_plan_prints_product_peak_and_basis_and_runs_no_solve(tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    out = tmp_path / "plan.json"
+    assert main(["spectrum", "--module", "test_cli:problem", "--k", "3", "--plan",
+                 "--backend", "lanczos,block", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "memory plan for the 51 x 51 operator" in text
+    assert "lanczos: blocks of 1" in text and "basis 20 x 51" in text
+    assert "eigenvalues" not in text  # nothing solved
+    assert main(["spectrum", "--module", "test_cli:problem", "--k", "3", "--plan",
+                 "--json", str(out), "--device", "cpu", "--quiet"]) == 0
+    plan = json.loads(out.read_text())["memory_plan"]
+    assert plan["n"] == 51 and plan["solvers"][0]["basis_bytes"] == 20 * 51 * 8
+    assert [size for size, _ in plan["measured"]] == [1, 2, 4]
+    assert plan["solvers"][0]["product_peak_bytes"] == plan["one_vector_bytes"] > 0
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--module", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
     (["--module", "test_cli"], "package.module:function"),

@@ -77,8 +77,8 @@ def test_unknown_names_are_refused_listing_the_valid_ones():
     J = torchcurv.JacobianOperator(model, criterion, data)
     with pytest.raises(TypeError, match="method"):
         J.replace(method="autograd")
-    with pytest.raises(TypeError, match="max_memory"):  # no memory budget (yet)
-        torchcurv.GGNOperator(model, criterion, data, max_memory=2**20)
+    with pytest.raises(TypeError, match="max_memry"):
+        torchcurv.GGNOperator(model, criterion, data, max_memry=2**20)
 
 
 def test_a_class_with_arguments_outside_the_configuration_refuses_replace():

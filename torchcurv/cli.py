@@ -424,6 +424,11 @@ def run_spectrum(args: argparse.Namespace) -> int:
     backends = args.backend.split(",")
     trace_matvecs = _check_plan(op, k=args.k, which=args.which, backends=backends,
                                 tol=args.tol, trace_matvecs=args.trace_matvecs)
+    if args.plan:
+        _memory_plan(rep, op, k=args.k, backends=backends)
+        if args.json is not None:
+            Path(args.json).write_text(json.dumps(rep.record, indent=2))
+        return 0
     png = Path(args.png) if args.png else None
     results = _spectrum(rep, op, k=args.k, which=args.which, backends=backends,
               tol=args.tol, png=png, label=args.matrix, trace_matvecs=trace_matvecs,
@@ -434,6 +439,41 @@ def run_spectrum(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(rep.record, indent=2))
         rep.say(f"results: {Path(args.json).resolve()}")
     return 0
+
+
+def _memory_plan(rep: Reporter, op, *, k: int, backends: list[str]) -> None:
+    """Print what one product and each solver's Krylov basis will take, before running
+    them: the product's peak measured on 1, 2 and 4 vectors (``op.memory_estimate``), the
+    basis as ``ncv x n`` in the operator's dtype, and whether both fit the device."""
+    from torchcurv.algorithms.block import default_block_size
+    from torchcurv.algorithms.lanczos import default_ncv
+    from torchcurv.operators.memory import basis_bytes, format_bytes
+    with rep.step("measuring products of 1, 2 and 4 vectors"):
+        one = op.memory_estimate(1)
+    rep.say(f"memory plan for the {op.n:,} x {op.n:,} operator ({op.dtype}, {op.device}):")
+    rep.say(f"  one product, 1 vector: {format_bytes(one.bytes)} at its peak; each further "
+            f"vector of a block adds {format_bytes(one.per_vector_bytes)} ({one.method})")
+    free = None
+    if op.device.type == "cuda":
+        free = torch.cuda.mem_get_info(op.device)[0]
+        rep.say(f"  free on {op.device}: {format_bytes(free)}")
+    plans = []
+    for backend in backends:
+        p = default_block_size(op.n, k) if backend == "block" else 1
+        ncv = default_ncv(op.n, k, p)
+        basis = basis_bytes(op.n, ncv, op.dtype)
+        peak = one.at(p).bytes
+        where = "on the device" if free is None or basis + peak <= free else \
+            "in host memory (basis_device='cpu'): it does not fit beside the product"
+        rep.say(f"  {backend}: blocks of {p}, product peak {format_bytes(peak)}; basis "
+                f"{ncv} x {op.n:,} = {format_bytes(basis)}, {where}")
+        plans.append({"backend": backend, "block_size": p, "ncv": ncv,
+                      "product_peak_bytes": peak, "basis_bytes": basis, "basis": where})
+    rep.record["memory_plan"] = {
+        "n": op.n, "dtype": str(op.dtype), "device": str(op.device),
+        "one_vector_bytes": one.bytes, "fixed_bytes": one.fixed_bytes,
+        "per_vector_bytes": one.per_vector_bytes, "measured": one.measured,
+        "method": one.method, "free_bytes": free, "solvers": plans}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -510,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--batches", type=int, default=2, help="--hf: random-token batches")
     spec.add_argument("--json", default=None, help="write the results as JSON to this path")
     spec.add_argument("--png", default=None, help="write the spectral density picture here")
+    spec.add_argument("--plan", action="store_true",
+                      help="print the memory plan (one product's peak, each solver's basis) "
+                      "and stop, before any solve")
     spec.add_argument("--landscape", default=None, metavar="PNG",
                       help="draw the loss along the top eigenvector, with the quadratic model, "
                       "to this picture")

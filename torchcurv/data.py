@@ -67,7 +67,10 @@ def batch_tensors(batch: Batch) -> list[torch.Tensor]:
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move every tensor in a (nested tuple/list/mapping) batch to ``device``."""
-    return map_batch(lambda t: t.to(device, non_blocking=True), batch)
+    # a tensor already there is kept as it is, without dispatching a no-op .to per
+    # tensor per batch (products walk the data once per product)
+    return map_batch(lambda t: t if t.device == device else t.to(device, non_blocking=True),
+                     batch)
 
 
 def iterate(data: Iterable[Batch], device: torch.device) -> Iterator[Batch]:

@@ -18,3 +18,13 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for dtype in dtypes:
         result = torch.promote_types(result, dtype)
     return result
+
+
+def device_scalar(value: torch.Tensor | float, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-dim tensor of ``dtype`` on ``device``, made there: a Python number
+    becomes a fill on the device rather than a host tensor copied over, which a CUDA
+    graph being recorded refuses (and which costs a transfer per call)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=dtype, device=device)
+    return torch.full((), value, dtype=dtype, device=device)

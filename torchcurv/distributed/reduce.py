@@ -138,6 +138,14 @@ def all_reduce_sum(local: torch.Tensor, group=None, *, checkpointed: bool = Fals
     return buf.to(local.device, local.dtype)
 
 
+def all_reduce_min(x: int, device: torch.device, group=None) -> int:
+    """The smallest of the ranks' ``x``, after a checkpoint."""
+    checkpoint(device, group)
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device(group, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
 def all_reduce_scalar(x: float, device: torch.device, group=None) -> float:
     """Sum a Python float over the ranks (float64), after a checkpoint."""
     checkpoint(device, group)

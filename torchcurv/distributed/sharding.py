@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchcurv.distributed.reduce import (
+    all_reduce_min,
     all_reduce_scalar,
     all_reduce_sum,
     assert_same_on_all_ranks,
@@ -100,6 +101,11 @@ class Sharding:
             raise ValueError("data is empty on every rank: no batch anywhere")
         return total, counts, sum(counts[:self.rank()])
 
+    def agree_min(self, value: int, device: torch.device) -> int:
+        """The smallest of the ranks' ``value`` (one collective): a choice every rank
+        must make alike, as the sub-blocks a budgeted block is split into."""
+        return all_reduce_min(value, device, self.process_group)
+
     # -- products --------------------------------------------------------------------
     def matmat(self, local: LocalProduct, V: torch.Tensor, device: torch.device,
                debug: bool) -> torch.Tensor:
@@ -129,12 +135,17 @@ class Sharding:
 
     # -- what the finite-difference Hessian needs ------------------------------------
     def add_gradient(self, op: CurvatureOperator, into: Sequence[torch.Tensor],
-                     alpha: float, losses: BatchLosses) -> None:
+                     alpha: float, losses: BatchLosses,
+                     gradient: Callable[[Any, Any], tuple[torch.Tensor, list[torch.Tensor]]]
+                     | None = None) -> None:
         """``into += alpha * grad L`` (parameter-shaped ``into``), this rank's batches'
-        share; one pass over the data, each batch's loss added to ``losses``."""
+        share; one pass over the data, each batch's loss added to ``losses``.
+        ``gradient(batch, scale)``: the batch's loss and gradients, in place of
+        :func:`~torchcurv.operators.functional.loss_and_grads` (a compiled kernel)."""
         with torch.no_grad():
             for i, batch, scale in op._batches():
-                loss, grads = loss_and_grads(op.model, op.objective, batch, scale, op.params)
+                loss, grads = (loss_and_grads(op.model, op.objective, batch, scale, op.params)
+                               if gradient is None else gradient(batch, scale))
                 losses.add(i, loss)
                 for t, g in zip(into, grads):
                     t.add_(g, alpha=alpha)
@@ -179,6 +190,9 @@ class Local(Sharding):
                  ) -> tuple[float, list[int], int]:
         return local_weight, [batches], 0
 
+    def agree_min(self, value: int, device: torch.device) -> int:
+        return value
+
     def matmat(self, local: LocalProduct, V: torch.Tensor, device: torch.device,
                debug: bool) -> torch.Tensor:
         out, losses = local(V)
@@ -211,6 +225,12 @@ class FullyShardedDataParallel(Sharding):
                 "HessianOperator(..., method='finite_difference'), which needs only "
                 "gradients"
             )
+        if strategy.compile:
+            raise TypeError(
+                f"{owner}(compile=True) does not support FSDP2-sharded models: its "
+                "gradients come from loss.backward() through FSDP's hooks, not from a "
+                "compiled torch.func.grad; use compile=False"
+            )
 
     def check_microbatching(self) -> None:
         raise ValueError(
@@ -233,13 +253,14 @@ class FullyShardedDataParallel(Sharding):
         return out  # FSDP's reduce-scatter has already summed the ranks' gradients
 
     def add_gradient(self, op: CurvatureOperator, into: Sequence[torch.Tensor],
-                     alpha: float, losses: BatchLosses) -> None:
+                     alpha: float, losses: BatchLosses, gradient: Any = None) -> None:
         """Through FSDP2: ``backward()`` (FSDP's hooks run on it, not on
         ``autograd.grad``) with the loss scaled by the world size, since FSDP's
         reduce-scatter averages over the ranks. Ranks with fewer batches run extra
         passes with weight 0 so that every rank joins the same number of FSDP
         collectives. A rank failing inside FSDP's own collectives cannot flag it: the
-        others then raise when the process group's timeout expires."""
+        others then raise when the process group's timeout expires. Never compiled
+        (``gradient`` is ``None``: :meth:`check_derivative` refuses ``compile=True``)."""
         world = dist.get_world_size(self.process_group)
         _reshard(op.model)
         for p in op.params:

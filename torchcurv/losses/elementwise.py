@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchcurv.dtypes import device_scalar
 from torchcurv.losses.base import OutputCurvature
 
 
@@ -37,7 +38,7 @@ def _normaliser(criterion: nn.Module, output: torch.Tensor) -> float:
 def mse_hessian_diagonal(criterion: nn.MSELoss, output: torch.Tensor) -> torch.Tensor:
     """``∇² sum (f - y)²`` is ``2 I``; ``"mean"`` divides by the number of entries."""
     value = 2.0 / _normaliser(criterion, output)
-    return torch.tensor(value, dtype=output.dtype, device=output.device)
+    return device_scalar(value, output.dtype, output.device)
 
 
 def bce_with_logits_curvature_weights(

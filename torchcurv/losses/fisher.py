@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchcurv.dtypes import device_scalar
 from torchcurv.losses.base import SampleOuterProducts
 from torchcurv.losses.cross_entropy import criterion_row_weights
 from torchcurv.losses.elementwise import bce_with_logits_curvature_weights
@@ -31,7 +32,7 @@ SAMPLEABLE = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 
 def _as_scale(scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(scale, dtype=like.dtype, device=like.device)
+    return device_scalar(scale, like.dtype, like.device)
 
 
 def _drawable(prob: torch.Tensor, fill: float) -> torch.Tensor:
@@ -92,9 +93,13 @@ def monte_carlo_fisher_factors(
         prob = torch.softmax(f, dim=1)
         labels = _drawable(prob, 1 / layout.width).multinomial(
             mc_samples, replacement=True, generator=generator).T
-        onehot = nn.functional.one_hot(labels, num_classes=layout.width).to(f.dtype)
         row = criterion_row_weights(criterion, output, target).to(f.dtype) * scale_t
-        g = (prob.unsqueeze(0) - onehot) * row.clamp_min(0).sqrt()[None, :, None]
+        # p - e_label with the 1 subtracted by a scatter (the same floats): one_hot
+        # would check the labels' range on the host, a sync per batch, and build an
+        # int64 (S, R, K) tensor
+        g = prob.unsqueeze(0).repeat(mc_samples, 1, 1)
+        g.scatter_add_(2, labels.unsqueeze(2), g.new_full((*labels.shape, 1), -1.0))
+        g.mul_(row.clamp_min(0).sqrt()[None, :, None])
     elif isinstance(criterion, nn.BCEWithLogitsLoss):
         prob = f.sigmoid()
         draws = _drawable(prob, 0.5).unsqueeze(0).expand(mc_samples, -1, -1).bernoulli(
@@ -103,7 +108,7 @@ def monte_carlo_fisher_factors(
         g = (prob.unsqueeze(0) - draws) * layout.to_rows(weights[None]).clamp_min(0).sqrt()
     elif isinstance(criterion, nn.MSELoss):
         # in the output's dtype: a float32 std would round every float64 draw
-        std = torch.as_tensor(math.sqrt(0.5), dtype=f.dtype, device=f.device)
+        std = device_scalar(math.sqrt(0.5), f.dtype, f.device)
         mean = torch.zeros(mc_samples, *f.shape, device=f.device, dtype=f.dtype)
         normaliser = output.numel() if criterion.reduction == "mean" else 1
         g = 2 * torch.normal(mean, std, generator=generator) * (scale_t / normaliser).sqrt()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchcurv.dtypes import device_scalar
 from torchcurv.losses.cross_entropy import criterion_row_weights
 from torchcurv.losses.elementwise import bce_with_logits_hessian_diagonal, mse_hessian_diagonal
 from torchcurv.losses.layout import SampleLayout, sample_layout
@@ -47,7 +48,7 @@ class LossHessianSqrt:
         output = output.detach()
         self.layout: SampleLayout = sample_layout(criterion, output)
         self.width = self.layout.width
-        scale_t = torch.as_tensor(scale, dtype=output.dtype, device=output.device)
+        scale_t = device_scalar(scale, output.dtype, output.device)
         if isinstance(criterion, nn.CrossEntropyLoss):
             rows = self.layout.to_rows(output[None])[0]  # (R, K)
             self._prob = torch.softmax(rows, dim=1)

@@ -176,10 +176,11 @@ def check_vector(
 def _check_finite(block: torch.Tensor, one: bool) -> None:
     """Refuse NaN/inf in the vectors before any product, alike for every operator (a
     product would otherwise return NaN, or blame the loss)."""
-    finite = torch.isfinite(block)
-    if bool(finite.all()):  # the one host sync per product
+    # the one host sync per product: a sum is finite only if every entry is (a sum that
+    # overflows goes on to the entrywise check, which clears it)
+    if bool(torch.isfinite(block.sum())) or bool(torch.isfinite(block).all()):
         return
-    bad = (~finite).sum(dim=0)
+    bad = (~torch.isfinite(block)).sum(dim=0)
     columns = bad.nonzero().flatten().tolist()
     count = int(bad.sum())
     if one:
@@ -244,13 +245,39 @@ class ParameterOperator(LinearOperator):
         """``A @ v`` in the parameter-shaped form: a list shaped like the parameters."""
         return self.unflatten(self.matvec(self.flatten(tensors)))
 
-    def _split_block(self, V: torch.Tensor) -> list[torch.Tensor]:
+    def _split_block(self, V: torch.Tensor) -> ParameterBlock:
         """Split ``(n, m)`` into per-parameter blocks of shape ``(m, *param.shape)``."""
         m = V.shape[1]
-        return [
+        if m == 1:
+            vectors = [c.reshape(s) for c, s in zip(V[:, 0].split(self._sizes), self._shapes)]
+            block = ParameterBlock(v.unsqueeze(0) for v in vectors)
+            block._vectors = vectors
+            return block
+        return ParameterBlock(
             c.T.reshape(m, *s) for c, s in zip(V.split(self._sizes, dim=0), self._shapes)
-        ]
+        )
 
     def _join_block(self, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`_split_block`: per-parameter ``(m, *shape)`` to ``(n, m)``."""
         return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1).T
+
+
+class ParameterBlock(list):
+    """A block of ``m`` vectors as per-parameter tensors of shape ``(m, *param.shape)``.
+
+    :attr:`vectors` gives a one-vector block as parameter-shaped tensors, made once per
+    product instead of once per batch: the per-batch kernels of a matvec then index
+    nothing (each view is a dispatched op, and a model with many parameter tensors
+    pays them on every batch).
+    """
+
+    _vectors: list[torch.Tensor] | None = None
+
+    @property
+    def vectors(self) -> list[torch.Tensor]:
+        """The parameter-shaped tensors of a one-vector block (``m == 1``)."""
+        if self._vectors is None:
+            if self and self[0].shape[0] != 1:
+                raise ValueError(f"a block of {self[0].shape[0]} vectors has no single vector")
+            self._vectors = [b[0] for b in self]
+        return self._vectors

@@ -21,6 +21,7 @@ from typing_extensions import Self, TypedDict
 from torchcurv.derivatives.hessian import HessianMethod
 from torchcurv.objectives import Objective
 from torchcurv.operators.jacobian import JvpMethod
+from torchcurv.operators.memory import MaxMemory, check_max_memory
 
 Batch = Any
 
@@ -38,6 +39,9 @@ class CurvatureOptions(TypedDict, total=False):
     distributed: bool | None
     debug_distributed: bool
     microbatch_size: int | None
+    compile: bool
+    max_memory: MaxMemory
+    cuda_graphs: bool
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -72,6 +76,25 @@ class CurvatureConfig:
             ``check_deterministic``, the first splittable batch's loss is also checked to
             be the weighted mean of its microbatches' losses. Microbatches without loss
             terms (all targets padding) are skipped.
+        compile: run each batch's derivative under ``torch.compile`` (chosen once; the
+            first product per batch shape and block width pays the compile). Only the
+            ``torch.func`` paths have one: ``method="forward_over_reverse"`` and
+            ``"finite_difference"`` (its gradients), ``jvp="forward"``; any other method
+            raises a ``ValueError`` at construction (docs/performance.md).
+        max_memory: the bytes one product may take at its peak (above what is allocated
+            when it starts): ``matmat`` splits a block into sub-blocks that fit
+            (:mod:`torchcurv.operators.memory`), a single vector never. ``"auto"``
+            (default): a share of the CUDA device's free memory at each product, no limit
+            off CUDA; ``None``: never split. The first block product that needs the split
+            measures its first columns (1, 2, then 4 vectors) to learn the peak per
+            vector, and later ones reuse that; :meth:`memory_estimate` predicts it.
+        cuda_graphs: record each batch's product as a CUDA graph at the first product of
+            each block width and replay it afterwards (:mod:`torchcurv.operators.graphs`):
+            for models whose products are bound by launching kernels, not by the GPU.
+            The first product costs about three; the model's code runs only while
+            recording. For the per-batch products (``method="autograd"`` or
+            ``"forward_over_reverse"``, the GGN and empirical Fisher); other methods
+            raise a ``ValueError`` at construction.
     """
 
     model: nn.Module
@@ -84,8 +107,12 @@ class CurvatureConfig:
     distributed: bool | None = None
     debug_distributed: bool = False
     microbatch_size: int | None = None
+    compile: bool = False
+    max_memory: MaxMemory = "auto"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
+        check_max_memory(self.max_memory)
         if self.params is not None:  # an iterator would be used up by the first build
             object.__setattr__(self, "params", tuple(self.params))
 

@@ -9,6 +9,7 @@ data set's loss, summed; the loss checked for NaN/inf; the model given back unto
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterable
@@ -26,6 +27,8 @@ from torchcurv.objectives import Objective, as_objective
 from torchcurv.operators.attention import differentiable_attention
 from torchcurv.operators.base import ParameterOperator
 from torchcurv.operators.config import CurvatureConfig, CurvatureOptions, _short
+from torchcurv.operators.graphs import CudaGraphs
+from torchcurv.operators.memory import MemoryEstimate, PeakMeter, budget_bytes
 from torchcurv.operators.microbatch import (
     check_microbatch_size,
     refuse_batch_coupling,
@@ -120,6 +123,7 @@ class CurvatureOperator(ParameterOperator):
             self._check_model_mode(strict=check_deterministic)
             if microbatch_size is not None:
                 self._check_splittable()
+        self._graphs = self._recorder(config.cuda_graphs)
         self._rank = self.sharding.rank()
         self.sharding.check_parameters(type(self).__name__, self.param_names, self.params)
         # per batch, the loss-term counts of its pieces (one piece without microbatching)
@@ -129,6 +133,23 @@ class CurvatureOperator(ParameterOperator):
             with self._stage(self.device):
                 self._check_split_loss_matches()
             self.sharding.checkpoint(self.device, what="the operator's construction")
+
+    # graphs need each batch's product to be one fixed sequence of kernels: per-batch
+    # strategies without random draws
+    _graphable = True
+
+    def _recorder(self, enabled: bool) -> CudaGraphs | None:
+        if not enabled:
+            return None
+        d = self.derivative
+        if d is None or d.walks_data_per_vector or d.perturbs_params or not self._graphable:
+            what = (f"method={self.derivative.name!r}" if self.derivative is not None
+                    else type(self).__name__)
+            raise ValueError(
+                f"cuda_graphs=True records the per-batch products of the exact Hessian "
+                f"(method='autograd' or 'forward_over_reverse'), the GGN and the empirical "
+                f"Fisher; {type(self).__name__} with {what} has none to record")
+        return CudaGraphs(self)
 
     # -- the configuration ---------------------------------------------------------
     @property
@@ -388,20 +409,53 @@ class CurvatureOperator(ParameterOperator):
         # float64 so that int counts divided by the total lose nothing
         return w.to(torch.float64) if isinstance(w, torch.Tensor) else float(w)
 
-    def _walk_batches(self, V: torch.Tensor, batch_matmat: BatchMatmat
-              ) -> tuple[torch.Tensor, BatchLosses]:
+    def _walk_batches(self, V: torch.Tensor, batch_matmat: BatchMatmat,
+                      enter: Callable[[int], None] | None = None
+                      ) -> tuple[torch.Tensor, BatchLosses]:
         """``sum_b batch_matmat(self, batch_b, scale_b, blocks)`` over this process's
         batches (in :func:`accumulation_dtype`) and the batch losses it saw, with the
-        model given back bit-identical."""
-        blocks = self._split_block(V)
-        total = torch.zeros_like(V, dtype=accumulation_dtype(V.dtype))
+        model given back bit-identical; ``enter(i)`` runs before each batch (each
+        microbatch) of index ``i``."""
+        m = V.shape[1]
+        dtype = accumulation_dtype(V.dtype)
+        # Accumulators shaped like the batch products, contiguous, so that each batch adds
+        # in with one foreach call (fused on CUDA: same shapes and strides). One vector:
+        # parameter-shaped views of one flat result, which kernels may answer without the
+        # vector axis; a block: one (m, *shape) tensor per parameter, joined at the end.
+        if m == 1:
+            flat = torch.zeros(self.n, dtype=dtype, device=V.device)
+            into_vectors: list[torch.Tensor] | None = [
+                c.view(s) for c, s in zip(flat.split(self._sizes), self._shapes)]
+            acc: list[torch.Tensor] | None = None  # (1, *shape) views, made if a kernel needs
+        else:
+            into_vectors = None
+            acc = [torch.zeros((m, *s), dtype=dtype, device=V.device) for s in self._shapes]
         losses = BatchLosses()
-        with preserved(self.model):
-            for i, batch, scale in self._batches():
-                loss, out = batch_matmat(self, batch, scale, blocks)
+        graphs = self._graphs
+        with preserved(self.model), graphs.lock if graphs else contextlib.nullcontext():
+            # a recorded graph reads the vectors from its own buffer
+            blocks = self._split_block(V) if graphs is None else graphs.start(V)
+            for position, (i, batch, scale) in enumerate(self._batches()):
+                if enter is not None:
+                    enter(i)
+                if graphs is None:
+                    loss, out = batch_matmat(self, batch, scale, blocks)
+                else:
+                    loss, out = graphs.run(
+                        position, batch, scale, blocks,
+                        lambda batch, scale, blocks: batch_matmat(self, batch, scale, blocks))
                 losses.add(i, loss)
-                total.add_(self._join_block(out))
-        return total, losses
+                if into_vectors is not None and out[0].dim() == len(self._shapes[0]):
+                    torch._foreach_add_(into_vectors, out)
+                    continue
+                if acc is None:
+                    assert into_vectors is not None
+                    acc = [a.unsqueeze(0) for a in into_vectors]
+                torch._foreach_add_(acc, out)
+        if m == 1:
+            return flat.unsqueeze(1), losses
+        assert acc is not None
+        return self._join_block(acc), losses
 
     def _local_matmat(self, V: torch.Tensor) -> tuple[torch.Tensor, BatchLosses]:
         """This process's share of ``A @ V`` (in :func:`accumulation_dtype`) and the
@@ -409,11 +463,91 @@ class CurvatureOperator(ParameterOperator):
         raise NotImplementedError
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        budget = (budget_bytes(self._config.max_memory, self.device) if V.shape[1] > 1
+                  else None)
+        if budget is None:
+            return self._product(V)
+        return self._budgeted_matmat(V, budget)
+
+    def _product(self, V: torch.Tensor) -> torch.Tensor:
+        """``A @ V`` in one product: the attention restriction, then the sharding."""
         attention = (differentiable_attention() if self.derivative is None
                      else self.derivative.attention())
         with attention:
             return self.sharding.matmat(self._local_matmat, V, self.device,
                                         self.debug_distributed).to(self.dtype)
+
+    # -- memory --------------------------------------------------------------------
+    _memory_points: tuple[tuple[int, int], ...] = ()
+    _memory_method = ""
+    # the block sizes whose peaks the first budgeted product (or memory_estimate)
+    # measures: 1 (often its own unbatched path), then two batched sizes for the slope
+    _CALIBRATION = (1, 2, 4)
+
+    def _measured_product(self, V: torch.Tensor) -> torch.Tensor:
+        """:meth:`_product` with its peak memory recorded for :meth:`memory_estimate`."""
+        with PeakMeter(self.device) as meter:
+            out = self._product(V)
+        self._memory_points = (*self._memory_points, (V.shape[1], meter.peak))
+        self._memory_method = meter.method
+        return out
+
+    def _budgeted_matmat(self, V: torch.Tensor, budget: int) -> torch.Tensor:
+        """``A @ V`` in sub-blocks whose predicted peak fits ``budget`` bytes.
+
+        Until the peak per vector is known, the first columns go in sub-blocks of the
+        calibration sizes, measured (no extra product: they are columns of ``V``), unless
+        the rest of the block fits even if each of its vectors took a whole measured
+        one-vector product (a block shares its forward, so it never takes more): then
+        the rest goes at once. The ranks agree on every sub-block size (the smallest),
+        so their collectives pair.
+        """
+        m = V.shape[1]
+        outs, j = [], 0
+        while j < m:
+            rest, points = m - j, self._memory_points
+            learning = len(points) < len(self._CALIBRATION)
+            if not learning:
+                size = min(rest, self.memory_estimate(1).max_vectors(budget))
+            elif points and rest * max(peak / k for k, peak in points) <= budget:
+                size = rest
+            else:
+                size = min(rest, self._CALIBRATION[len(points)])
+            size = self.sharding.agree_min(size, self.device)
+            block = V[:, j:j + size]
+            outs.append(self._measured_product(block) if learning else self._product(block))
+            j += size
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def memory_estimate(self, m: int = 1) -> MemoryEstimate:
+        """The predicted peak memory of one product with ``m`` vectors, above what is
+        allocated when it starts (:class:`~torchcurv.operators.memory.MemoryEstimate`:
+        ``.bytes``, ``.fixed_bytes``, ``.per_vector_bytes``, the measured points).
+
+        From products measured on this operator: the first block products under a
+        memory budget, or, when none ran yet, uncounted products of 1, 2 and 4 random
+        vectors run here (the cost of seven vectors, once per operator). On CUDA the
+        allocator's peak; on the CPU the tensors torch creates (see
+        :mod:`torchcurv.operators.memory`). A size that runs out of memory while
+        measuring ends the measurement; the line then comes from the sizes that fit.
+        """
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"m must be a positive number of vectors, got {m!r}")
+        if not self._memory_points:
+            generator = torch.Generator(device=self.device).manual_seed(0)
+            with self.uncounted():
+                for size in self._CALIBRATION:
+                    V = torch.randn(self.n, size, generator=generator, dtype=self.dtype,
+                                    device=self.device)
+                    try:
+                        self._measured_product(V)
+                    except torch.OutOfMemoryError:
+                        if not self._memory_points:
+                            raise
+                        break
+                    finally:
+                        del V
+        return MemoryEstimate.fit(self._memory_points, m, self._memory_method)
 
 
 class BatchLosses:

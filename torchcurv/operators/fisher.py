@@ -170,6 +170,7 @@ class MCFisherOperator(SeededDraws, OutputSpaceOperator):
     """
 
     config_type = MCFisherConfig
+    _graphable = False  # fresh label draws every product
 
     def __init__(
         self,

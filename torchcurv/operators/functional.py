@@ -5,10 +5,11 @@ Blocks of vectors travel as per-parameter tensors of shape ``(m, *param.shape)``
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchcurv.losses.forward_mode import forward_mode_objective
 from torchcurv.objectives import Objective
+
+if TYPE_CHECKING:
+    from torchcurv.derivatives.base import CompiledKernel
 
 Batch = Any
 
@@ -40,27 +44,57 @@ def serialised_transforms() -> Iterator[None]:
         yield
 
 
-def vmapped_forward_mode(
-    fn: Callable[..., Any], blocks: Sequence[torch.Tensor], *, out_dims: Any = 0, advice: str
-) -> Any:
-    """``fn`` over the leading (vector) axis of ``blocks``, under the transforms lock.
+def over_vectors(fn: Callable[..., Any], blocks: Sequence[torch.Tensor], out_dims: Any = 0
+                 ) -> Any:
+    """``vmap(fn, out_dims=out_dims)(*blocks)``; a one-vector block skips ``vmap`` (its
+    batching rules cost time and miss some ops). Outputs at ``out_dims=None`` are shared
+    by all vectors. Traceable by ``torch.compile``."""
+    if blocks[0].shape[0] == 1:
+        return _with_vector_axis(fn(*(b[0] for b in blocks)), out_dims)
+    return vmap(fn, out_dims=out_dims)(*blocks)
 
-    A one-vector block skips ``vmap`` (its batching rules cost time and miss some ops);
-    outputs at ``out_dims=None`` are shared by all vectors. A missing forward-mode
-    derivative (``RuntimeError``/``NotImplementedError`` from torch) is re-raised naming
-    the method and ``advice``; out-of-memory passes unchanged so that a caller can shrink
-    the block.
-    """
+
+@contextmanager
+def forward_mode_errors(advice: str) -> Iterator[None]:
+    """The block in which a product's ``torch.func`` transforms run: under the transforms
+    lock, with a missing forward-mode derivative (``RuntimeError``/``NotImplementedError``
+    from torch) re-raised naming ``advice``. Out-of-memory passes unchanged so that a
+    caller can shrink the block, and so does a failure of ``torch.compile``
+    (:func:`compile_errors` names it)."""
     try:
         with serialised_transforms():
-            if blocks[0].shape[0] == 1:
-                return _with_vector_axis(fn(*(b[0] for b in blocks)), out_dims)
-            return vmap(fn, out_dims=out_dims)(*blocks)
-    except torch.OutOfMemoryError:
+            yield
+    except (torch.OutOfMemoryError, CompileFailedError):
         raise
     except (RuntimeError, NotImplementedError) as exc:
         raise RuntimeError(
             f"forward-mode AD failed on this model or loss ({exc}); {advice}"
+        ) from exc
+
+
+class CompileFailedError(RuntimeError):
+    """``torch.compile`` failed on a product (a graph break, an op dynamo or the backend
+    does not handle); the message gives torch's reason."""
+
+
+@contextmanager
+def compile_errors() -> Iterator[None]:
+    """The block in which a compiled kernel runs: an error of ``torch.compile`` (tracing,
+    graph break, backend) re-raised as :class:`CompileFailedError` pointing at
+    ``compile=False``; every other exception passes unchanged."""
+    try:
+        yield
+    except RuntimeError as exc:
+        # torch._dynamo is imported by torch.compile: no compile, no compile error
+        errors = sys.modules.get("torch._dynamo.exc")
+        if errors is None or not isinstance(exc, errors.TorchDynamoException):
+            raise
+        # dynamo's first line says what failed, its "Explanation:" line why
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        why = " ".join(lines[:1] + [line for line in lines if line.startswith("Explanation:")][:1])
+        raise CompileFailedError(
+            f"torch.compile failed on this product ({type(exc).__name__}: {why[:600]}); "
+            "construct the operator with compile=False"
         ) from exc
 
 
@@ -102,6 +136,28 @@ def loss_and_grads(
     return loss, _zeros_if_none(grads, params)
 
 
+def gradient_kernel(
+    bound: BoundCall,
+    batch: Batch,
+    scale: torch.Tensor | float,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`loss_and_grads` as ``torch.func.grad`` of ``bound`` (a
+    :class:`BoundCall` of the objective) at ``params`` (named ``names`` in the model):
+    the form ``torch.compile`` traces, since dynamo does not trace
+    ``torch.autograd.grad``. Zeros for unused params, as there."""
+    keys = ["model." + n for n in names]
+
+    def scaled_loss(*ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = functional_call(bound, dict(zip(keys, ps)), (batch,))
+        return scaled(loss, scale), loss.detach()
+
+    grads, loss = grad(scaled_loss, argnums=tuple(range(len(params))), has_aux=True)(
+        *(p.detach() for p in params))
+    return loss, list(grads)
+
+
 def batched_hvp(
     model: nn.Module,
     objective: Objective,
@@ -112,13 +168,22 @@ def batched_hvp(
     blocks: Sequence[torch.Tensor],
     *,
     forward_over_reverse: bool = False,
+    compiled: CompiledKernel | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(H_b * scale) @ V`` for one batch, ``V`` given per parameter as ``(m, *shape)``.
 
     Returns the batch's unscaled loss and the products, per parameter ``(m, *shape)``.
+    ``forward_over_reverse``: by :func:`forward_over_reverse_kernel` under
+    :func:`forward_mode_errors`, or by ``compiled``, that kernel compiled for this
+    operator (with its own :class:`BoundCall` of the forward-mode objective).
     """
     if forward_over_reverse:
-        return _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blocks)
+        bound = (BoundCall(model, forward_mode_objective(objective)) if compiled is None
+                 else compiled.bound)
+        with forward_mode_errors(
+                "construct the operator with method='autograd' (double backward)"):
+            return (compiled or forward_over_reverse_kernel)(bound, batch, scale, names,
+                                                             params, blocks)
     return _hvp_double_backward(model, objective, batch, scale, params, blocks)
 
 
@@ -135,10 +200,13 @@ def _hvp_double_backward(model, objective, batch, scale, params, blocks):
             return loss, [torch.zeros_like(b) for b in blocks]
         outputs = [grads[i] for i in live]
         if m == 1:
+            vectors = getattr(blocks, "vectors", None) or [b[0] for b in blocks]
             hv = torch.autograd.grad(
-                outputs, params, grad_outputs=[blocks[i][0] for i in live], allow_unused=True
+                outputs, params, grad_outputs=[vectors[i] for i in live], allow_unused=True
             )
-            return loss, [h.unsqueeze(0) for h in _zeros_if_none(hv, params)]
+            # parameter-shaped: the operator's walk takes a one-vector block's products
+            # without the vector axis (ParameterBlock)
+            return loss, _zeros_if_none(hv, params)
         if blocks[0].device.type != "cpu":
             try:
                 hv = torch.autograd.grad(
@@ -162,22 +230,33 @@ def _hvp_double_backward(model, objective, batch, scale, params, blocks):
 
 
 class BoundCall(nn.Module):
-    """``call(model, batch)`` as a module without inputs, so ``functional_call`` can swap
-    the model's weights for tensors that ``torch.func`` transforms differentiate."""
+    """``call(model, batch)`` as a module whose only argument is the batch, so that
+    ``functional_call`` can swap the model's weights for tensors that ``torch.func``
+    transforms differentiate. Made outside any compiled region (dynamo does not trace
+    module construction), and once per operator for a compiled product, whose guards
+    then hold from batch to batch."""
 
-    def __init__(self, model: nn.Module, call: Callable[[nn.Module, Batch], torch.Tensor],
-                 batch: Batch) -> None:
+    def __init__(self, model: nn.Module, call: Callable[[nn.Module, Batch], torch.Tensor]
+                 ) -> None:
         super().__init__()
         self.model = model
         self._call = call
-        self._batch = batch
 
-    def forward(self) -> torch.Tensor:
-        return self._call(self.model, self._batch)
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self._call(self.model, batch)
 
 
-def _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blocks):
-    objective = forward_mode_objective(objective)
+def forward_over_reverse_kernel(
+    bound: BoundCall,
+    batch: Batch,
+    scale: torch.Tensor | float,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    blocks: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(H_b * scale) @ V`` as ``torch.func.jvp`` of ``torch.func.grad``, vmapped over the
+    block (:func:`over_vectors`): the batch's unscaled loss and, per parameter,
+    ``(m, *shape)``. Only ``torch.func`` transforms, so ``torch.compile`` traces it."""
     keys = ["model." + n for n in names]
     # Constant tensors of the batch (targets, inputs) enter the jvp as primals with
     # materialised zero tangents: left without one, their tangent is an immutable
@@ -199,8 +278,7 @@ def _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blo
 
     def scaled_loss(*ps_and_cs):
         ps, cs = ps_and_cs[:n], ps_and_cs[n:]
-        bound = BoundCall(model, objective, rebuilt(cs))
-        loss = functional_call(bound, dict(zip(keys, ps)), ())
+        loss = functional_call(bound, dict(zip(keys, ps)), (rebuilt(cs),))
         return scaled(loss, scale), loss.detach()
 
     grad_fn = grad(scaled_loss, argnums=tuple(range(n)), has_aux=True)
@@ -210,9 +288,7 @@ def _hvp_forward_over_reverse(model, objective, batch, scale, names, params, blo
         _, hv, loss = jvp(grad_fn, primals, vs + zeros, has_aux=True)
         return hv, loss
 
-    hv, loss = vmapped_forward_mode(
-        hvp, blocks, out_dims=(0, None),
-        advice="construct the operator with method='autograd' (double backward)")
+    hv, loss = over_vectors(hvp, blocks, out_dims=(0, None))
     return loss, list(hv)
 
 

@@ -20,9 +20,8 @@ from torchcurv.derivatives.jvp import JvpStrategy, ProductState
 from torchcurv.losses.base import OutputCurvature
 from torchcurv.objectives import Objective, has_separate_output
 from torchcurv.operators.config import CurvatureConfig, OutputSpaceConfig
-from torchcurv.operators.curvature import BatchLosses, CurvatureOperator, accumulation_dtype
+from torchcurv.operators.curvature import BatchLosses, CurvatureOperator
 from torchcurv.operators.jacobian import JvpMethod, vjp_batched
-from torchcurv.operators.model_guard import preserved
 
 Batch = Any
 
@@ -67,7 +66,7 @@ class OutputSpaceOperator(CurvatureOperator):
 
     def _build(self, config: CurvatureConfig) -> None:
         assert isinstance(config, OutputSpaceConfig)
-        self.derivative = strategy_for("jvp", config.jvp)
+        self.derivative = strategy_for("jvp", config.jvp, compile=config.compile)
         self.jvp = config.jvp
         super()._build(config)
         if not has_separate_output(self.objective):
@@ -105,16 +104,11 @@ class OutputSpaceOperator(CurvatureOperator):
         # parameters from the product's own copy after every vector (also on errors), so
         # preserved need not copy them again.
         product = self._new_product()
-        blocks = self._split_block(V)
-        total = torch.zeros_like(V, dtype=accumulation_dtype(V.dtype))
-        losses = BatchLosses()
-        with self.derivative.serialised(), preserved(self.model):
-            for i, batch, scale in self._batches():
-                self._enter_batch(product, i)
-                loss, out = self._batch_matmat(batch, scale, blocks, product)
-                losses.add(i, loss)
-                total.add_(self._join_block(out))
-        return total, losses
+        with self.derivative.serialised():
+            return self._walk_batches(
+                V, lambda op, batch, scale, blocks: self._batch_matmat(
+                    batch, scale, blocks, product),
+                enter=lambda i: self._enter_batch(product, i))
 
     def _batch_matmat(self, batch, scale, blocks, product: ProductState | None = None):
         if product is None:  # a lone batch product, outside a walk over the data
