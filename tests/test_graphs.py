@@ -21,6 +21,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
     (lambda m, c, d: torchcurv.MCFisherOperator(m, c, d, cuda_graphs=True), "MCFisherOperator"),
     (lambda m, c, d: torchcurv.GGNOperator(m, c, d, jvp="finite_difference", cuda_graphs=True),
      "'finite_difference'"),
+    (lambda m, c, d: torchcurv.HessianOperator(m, c, d, method="forward_over_reverse",
+                                               compile=True, cuda_graphs=True),
+     "Choose one of them"),
 ])
 def test_refused_where_nothing_can_be_recorded(build, message):
     model, criterion, data = case("mlp_tanh")
@@ -59,13 +62,19 @@ def test_replayed_products_equal_eager_ones(kind):
     assert_unchanged(model, before)
 
 
-@pytest.mark.gpu
-@cuda
-def test_in_place_weight_changes_are_seen_and_new_storage_is_recorded_again():
+def _recorded():
+    """A CUDA case, its Hessian with cuda_graphs=True recorded by one matvec, and v."""
     model, criterion, data = _cuda_case()
     H = torchcurv.HessianOperator(model, criterion, data, cuda_graphs=True)
     v = torch.randn(H.n, dtype=DT, device="cuda")
     H.matvec(v)
+    return model, criterion, data, H, v
+
+
+@pytest.mark.gpu
+@cuda
+def test_in_place_weight_changes_are_seen_and_new_storage_is_recorded_again():
+    model, criterion, data, H, v = _recorded()
     with torch.no_grad():
         model[0].weight.mul_(1.5)  # same storage: the recorded graph reads the new values
     assert rel(H.matvec(v), torchcurv.HessianOperator(model, criterion, data).matvec(v)) < 1e-12
@@ -97,10 +106,7 @@ def test_batches_that_are_new_tensors_each_pass_are_copied_in():
 @pytest.mark.gpu
 @cuda
 def test_a_nan_loss_is_still_reported_through_a_replay():
-    model, criterion, data = _cuda_case()
-    H = torchcurv.HessianOperator(model, criterion, data, cuda_graphs=True)
-    v = torch.randn(H.n, dtype=DT, device="cuda")
-    H.matvec(v)
+    model, _, _, H, v = _recorded()
     with torch.no_grad():
         model[0].bias.fill_(float("nan"))
     with pytest.raises(torchcurv.NonFiniteLossError):

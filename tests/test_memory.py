@@ -157,6 +157,27 @@ def test_a_block_that_fits_at_one_product_per_vector_goes_at_once_after_one_vect
     assert rel(out, H.replace(max_memory=None).matmat(V)) < 1e-12
 
 
+def test_a_sub_block_that_runs_out_of_memory_is_tried_again_at_half_its_size():
+    model, criterion, data = case("mlp_tanh")
+    H = torchcurv.HessianOperator(model, criterion, data, max_memory=1)
+    widths: list[int] = []
+    product = H._product
+
+    def tight(V):  # a device on which 3 or more vectors at once do not fit
+        widths.append(V.shape[1])
+        if V.shape[1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return product(V)
+
+    H._product = tight
+    before = snapshot(model)
+    V = torch.randn(H.n, 6, dtype=DT)
+    out = H.matmat(V)
+    assert widths == [1, 2, 3, 1, 1, 1]  # 3 failed: halved (to 1), and no later block larger
+    assert rel(out, H.replace(max_memory=None).matmat(V)) < 1e-12
+    assert_unchanged(model, before)
+
+
 def test_ggn_blocks_are_budgeted_too():
     model, criterion, data = case("mlp_tanh")
     G = torchcurv.GGNOperator(model, criterion, data, max_memory=1)

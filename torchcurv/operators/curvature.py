@@ -149,6 +149,11 @@ class CurvatureOperator(ParameterOperator):
                 f"cuda_graphs=True records the per-batch products of the exact Hessian "
                 f"(method='autograd' or 'forward_over_reverse'), the GGN and the empirical "
                 f"Fisher; {type(self).__name__} with {what} has none to record")
+        if self._config.compile:
+            raise ValueError(
+                "cuda_graphs=True records eager products; with compile=True the compiled "
+                "graphs would be recorded inside it, which torchcurv does not support. "
+                "Choose one of them")
         return CudaGraphs(self)
 
     # -- the configuration ---------------------------------------------------------
@@ -480,6 +485,7 @@ class CurvatureOperator(ParameterOperator):
     # -- memory --------------------------------------------------------------------
     _memory_points: tuple[tuple[int, int], ...] = ()
     _memory_method = ""
+    _largest_block = 1 << 30  # lowered by a sub-block that ran out of memory
     # the block sizes whose peaks the first budgeted product (or memory_estimate)
     # measures: 1 (often its own unbatched path), then two batched sizes for the slope
     _CALIBRATION = (1, 2, 4)
@@ -498,9 +504,12 @@ class CurvatureOperator(ParameterOperator):
         Until the peak per vector is known, the first columns go in sub-blocks of the
         calibration sizes, measured (no extra product: they are columns of ``V``), unless
         the rest of the block fits even if each of its vectors took a whole measured
-        one-vector product (a block shares its forward, so it never takes more): then
-        the rest goes at once. The ranks agree on every sub-block size (the smallest),
-        so their collectives pair.
+        one-vector product: then the rest goes at once. A sub-block that runs out of
+        device memory anyway (a vmapped pass can hold more per vector than a single
+        product) is tried again at half its size, and no later one is larger (one
+        process; distributed, the error is raised, as the other ranks are inside the
+        same product). The ranks agree on every sub-block size (the smallest), so their
+        collectives pair.
         """
         m = V.shape[1]
         outs, j = [], 0
@@ -510,12 +519,21 @@ class CurvatureOperator(ParameterOperator):
             if not learning:
                 size = min(rest, self.memory_estimate(1).max_vectors(budget))
             elif points and rest * max(peak / k for k, peak in points) <= budget:
-                size = rest
+                size = rest  # fits even at a whole one-vector product per vector
             else:
                 size = min(rest, self._CALIBRATION[len(points)])
-            size = self.sharding.agree_min(size, self.device)
+            size = self.sharding.agree_min(min(size, self._largest_block), self.device)
             block = V[:, j:j + size]
-            outs.append(self._measured_product(block) if learning else self._product(block))
+            try:
+                outs.append(self._measured_product(block) if learning
+                            else self._product(block))
+            except torch.OutOfMemoryError:
+                if size == 1 or self.distributed:
+                    raise
+                self._largest_block = size // 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             j += size
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
