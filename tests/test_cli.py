@@ -123,7 +123,22 @@ def test_spectrum_plan_prints_product_peak_and_basis_and_runs_no_solve(tmp_path,
     assert plan["solvers"][0]["product_peak_bytes"] == plan["one_vector_bytes"] > 0
 
 
+def test_spectrum_with_a_memory_budget_gives_the_same_eigenvalues(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    runs = {}
+    for budget in ("none", "2KiB"):
+        out = tmp_path / f"{budget}.json"
+        assert main(["spectrum", "--module", "test_cli:problem", "--k", "3", "--backend",
+                     "block", "--max-memory", budget, "--json", str(out), "--device", "cpu",
+                     "--quiet"]) == 0
+        runs[budget] = json.loads(out.read_text())["matrices"]["hessian"]["eigsh"][0]
+    assert runs["2KiB"]["eigenvalues"] == pytest.approx(runs["none"]["eigenvalues"], rel=1e-10)
+
+
 @pytest.mark.parametrize(("args", "message"), [
+    (["--module", "test_cli:problem", "--max-memory", "lots"], "--max-memory takes auto"),
+    (["--module", "test_cli:problem", "--max-memory", "0.1"], "at least one byte"),
+    (["--module", "test_cli:problem", "--cuda-graphs"], "records CUDA graphs"),
     (["--module", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
     (["--module", "test_cli"], "package.module:function"),
     (["--module", "test_cli:missing"], "has no function 'missing'"),

@@ -231,6 +231,29 @@ def _default_backends(device: torch.device) -> list[str]:
     return backends
 
 
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6,
+          "gb": 10**9}
+
+
+def _max_memory(text: str) -> int | str | None:
+    """``--max-memory``: ``auto``, ``none`` or a size such as ``40GiB`` / ``512MB`` /
+    ``1e9`` (bytes), as the operators' ``max_memory=`` takes it."""
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    number = word.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = word[len(number):]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise CLIError(
+            f"--max-memory takes auto, none or a size such as 40GiB, 512MB or 1e9 (bytes), "
+            f"got {text!r}") from None
+    if not value >= 1:
+        raise CLIError(f"--max-memory must be at least one byte, got {text!r}")
+    return int(value)
+
+
 def _check_device(name: str) -> torch.device:
     """``--device`` as a torch device that exists here, before any work."""
     try:
@@ -420,7 +443,9 @@ def run_spectrum(args: argparse.Namespace) -> int:
         model, criterion, data = _load_module_problem(args.module, rep)
         model = model.to(device)
         name = args.module
-    op = _operator(args.matrix, model, criterion, data, args.params)
+    op = _operator(args.matrix, model, criterion, data, args.params,
+                   max_memory=_max_memory(args.max_memory), compile=args.compile,
+                   cuda_graphs=args.cuda_graphs)
     backends = args.backend.split(",")
     trace_matvecs = _check_plan(op, k=args.k, which=args.which, backends=backends,
                                 tol=args.tol, trace_matvecs=args.trace_matvecs)
@@ -550,6 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--batches", type=int, default=2, help="--hf: random-token batches")
     spec.add_argument("--json", default=None, help="write the results as JSON to this path")
     spec.add_argument("--png", default=None, help="write the spectral density picture here")
+    spec.add_argument("--max-memory", default="auto", metavar="SIZE",
+                      help="most memory one product may take (e.g. 40GiB): blocks are split "
+                      "to fit; auto: 85%% of the free GPU memory; none: never split")
+    spec.add_argument("--compile", action="store_true",
+                      help="torch.compile the products (forward-over-reverse, finite "
+                      "differences, the GGN's forward JVP; the first product compiles)")
+    spec.add_argument("--cuda-graphs", action="store_true",
+                      help="record each batch's product as a CUDA graph and replay it "
+                      "(launch-bound models on a GPU)")
     spec.add_argument("--plan", action="store_true",
                       help="print the memory plan (one product's peak, each solver's basis) "
                       "and stop, before any solve")
