@@ -68,6 +68,24 @@ def check_products(rank):
             _same_on_all_ranks(product, f"{model_name}/microbatch_size=2/{name}")
 
 
+def check_budgeted_blocks(rank):
+    # Under a memory budget the ranks measure their own peaks but agree on every
+    # sub-block: the split product is the single-process one, the same on every rank.
+    # Rank 1's budget is looser than rank 0's; the smaller (one vector) is taken.
+    model, criterion, data = case("mlp_tanh", "ce")
+    local = torchcurv.HessianOperator(model, criterion, data, distributed=False)
+    H = torchcurv.HessianOperator(model, criterion, shard_of(data, rank),
+                                  max_memory=1 if rank == 0 else 10**12)
+    widths = []
+    product = H._product
+    H._product = lambda V: widths.append(V.shape[1]) or product(V)
+    V = torch.randn(H.n, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = H.matmat(V)
+    assert rel(out, local.matmat(V)) < 1e-10
+    _same_on_all_ranks(out, "budgeted block")
+    assert widths == [1, 2, 4, 1, 1], widths
+
+
 def check_mc_fisher(rank):
     # Per-batch seeds keyed by the global batch index: the distributed MC Fisher is the
     # single-process one with per_batch_seeds=True on the shards in rank order.
@@ -193,7 +211,7 @@ def check_nonfinite_loss_raises_on_every_rank(rank):
         op @ torch.ones(op.n, dtype=torch.float64)
 
 
-CHECKS = [check_products, check_mc_fisher, check_eigsh, check_randomized,
+CHECKS = [check_products, check_budgeted_blocks, check_mc_fisher, check_eigsh, check_randomized,
           check_fsdp2_finite_difference, check_failure_does_not_hang,
           check_nonfinite_loss_raises_on_every_rank]
 
