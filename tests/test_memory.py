@@ -201,3 +201,36 @@ def test_cuda_auto_budget_and_estimate_match_the_allocator():
     assert abs(predicted.bytes - meter.peak) <= 0.25 * meter.peak
     tight = H.replace(max_memory=predicted.fixed_bytes + 2 * predicted.per_vector_bytes)
     assert rel(tight.matmat(V), out) < 1e-5
+
+
+class _FakeCudaOperator:
+    """Only what ``basis_device`` reads of an operator on a CUDA device."""
+
+    device = torch.device("cuda")
+    n = 1000
+
+    def __init__(self, product_bytes: int) -> None:
+        self.product_bytes = product_bytes
+
+    def memory_estimate(self, m: int) -> MemoryEstimate:
+        return MemoryEstimate.fit([(1, self.product_bytes)], m, "test")
+
+
+@pytest.mark.parametrize(("product", "where"), [(10_000, "cuda"), (200_000, "cpu")])
+def test_auto_basis_lives_on_the_device_only_beside_one_product(monkeypatch, product, where):
+    from torchcurv.operators import memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (250_000, 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    # basis 20 x 1000 float64 = 160 kB; free 250 kB, of which 85 % may be used
+    assert memory.basis_device(_FakeCudaOperator(product), 20, torch.float64).type == where
+
+
+def test_auto_basis_on_the_cpu_is_the_operator_s_device():
+    model, criterion, data = case("mlp_tanh")
+    H = torchcurv.HessianOperator(model, criterion, data)
+    a = torchcurv.eigsh(H, k=2, backend="lanczos", basis_device="auto", seed=0, tol=1e-10)
+    b = torchcurv.eigsh(H, k=2, backend="lanczos", seed=0, tol=1e-10)
+    assert torch.equal(a.eigenvalues, b.eigenvalues)
+    assert a.info.basis_device == torch.device("cpu")

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from torchcurv.operators.memory import basis_device as choose_basis_device
+
 CHUNK_BYTES = 256 * 2**20
 """Largest piece of a streamed basis (host-resident or other-dtype) on the device at once."""
 
@@ -54,7 +56,10 @@ class KrylovBasis:
         op: the symmetric operator (torchcurv ``LinearOperator`` contract).
         b: number of independent bases (one per start vector/probe).
         m: basis vectors per basis (``ncv``).
-        basis_dtype, basis_device: where the basis is stored (default: the operator's).
+        basis_dtype, basis_device: where the basis is stored (default: the operator's);
+            ``basis_device="auto"``: the operator's device if the basis fits there beside
+            one product, else host memory
+            (:func:`torchcurv.operators.memory.basis_device`).
         generator: CPU generator for breakdown replacements (determinism).
     """
 
@@ -73,6 +78,8 @@ class KrylovBasis:
         basis_dtype = op.dtype if basis_dtype is None else basis_dtype
         if not isinstance(basis_dtype, torch.dtype) or not basis_dtype.is_floating_point:
             raise TypeError(f"basis_dtype must be a floating torch.dtype, got {basis_dtype!r}")
+        if basis_device == "auto":
+            basis_device = choose_basis_device(op, b * m, basis_dtype, b)
         basis_device = op.device if basis_device is None else torch.device(basis_device)
         self.device = op.device
         self.compute_dtype = torch.promote_types(

@@ -114,7 +114,8 @@ def lanczos_eigsh(
         v0: start vector ``(n,)`` (overrides ``seed`` for the start).
         basis_dtype: dtype in which the ``ncv x n`` basis is stored (default: the
             operator's).
-        basis_device: device on which the basis is stored (default: the operator's).
+        basis_device: device on which the basis is stored (default: the operator's;
+            ``"auto"``: there if it fits beside one product, else host memory).
         callback: called after every restart cycle with a dict (``restart``,
             ``num_matvecs``, ``ritz_values`` and ``residual_estimates`` of the wanted
             pairs, ``num_converged``).

@@ -216,3 +216,23 @@ def budget_bytes(max_memory: MaxMemory, device: torch.device) -> int | None:
 def basis_bytes(n: int, vectors: int, dtype: torch.dtype) -> int:
     """Bytes of a Krylov basis of ``vectors`` vectors of length ``n`` in ``dtype``."""
     return n * vectors * torch.empty((), dtype=dtype).element_size()
+
+
+def basis_device(op: Any, vectors: int, dtype: torch.dtype, block_size: int = 1
+                 ) -> torch.device:
+    """Where a Krylov basis of ``vectors`` rows should live for ``basis_device="auto"``:
+    the operator's device when the basis and one product of ``block_size`` vectors fit
+    in :data:`AUTO_FRACTION` of its free memory together, else host memory.
+
+    Off CUDA, always the operator's device. The product's peak comes from
+    ``op.memory_estimate(block_size)`` where the operator has one (which measures
+    products once if none were measured yet); other operators count as taking nothing.
+    """
+    device = torch.device(op.device)
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    product = op.memory_estimate(block_size).bytes if hasattr(op, "memory_estimate") else 0
+    fits = basis_bytes(op.n, vectors, dtype) + product <= AUTO_FRACTION * (free + cached)
+    return device if fits else torch.device("cpu")
