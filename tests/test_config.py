@@ -24,6 +24,9 @@ CASES = {
                          {"jvp": "forward"}),
     "mc_fisher": (torchcurv.MCFisherOperator, {"seed": 1}, {"seed": 7, "mc_samples": 3}),
     "jacobian": (torchcurv.JacobianOperator, {}, {"jvp": "double_vjp"}),
+    "kfac": (torchcurv.KFACOperator, {"fisher_type": "empirical"},
+             {"fisher_type": "type-2", "separate_weight_and_bias": False}),
+    "ekfac": (torchcurv.EKFACOperator, {"seed": 3}, {"mc_samples": 2}),
 }
 
 
@@ -82,10 +85,25 @@ def test_unknown_names_are_refused_listing_the_valid_ones():
 
 
 def test_a_class_with_arguments_outside_the_configuration_refuses_replace():
+    class Scaled(torchcurv.HessianOperator):
+        def __init__(self, model, criterion, data, *, factor: float = 1.0, **options):
+            super().__init__(model, criterion, data, **options)
+            self.factor = factor
+
     model, criterion, data = case("mlp_tanh", "ce")
-    K = torchcurv.KFACOperator(model, criterion, data, fisher_type="empirical")
-    with pytest.raises(TypeError, match="does not hold.*fisher_type"):
-        K.replace(check_deterministic=False)
+    with pytest.raises(TypeError, match="does not hold.*factor"):
+        Scaled(model, criterion, data, factor=2.0).replace(check_deterministic=False)
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"compile": True}, "no derivative to compile"),
+    ({"max_memory": 2**30}, "max_memory has nothing to bound"),
+    ({"cuda_graphs": True}, "KFACOperator has none to record"),
+])
+def test_kfac_refuses_the_options_it_has_no_use_for(bad, message):
+    model, criterion, data = case("mlp_tanh", "ce")
+    with pytest.raises(ValueError, match=message):
+        torchcurv.KFACOperator(model, criterion, data, **bad)
 
 
 def test_the_mc_fisher_keeps_the_generator_state_it_was_built_with():

@@ -190,6 +190,22 @@ class MCFisherConfig(OutputSpaceConfig):
     per_batch_seeds: bool | None = None
 
 
+@dataclass(frozen=True, eq=False, repr=False)
+class KFACConfig(CurvatureConfig):
+    """:class:`CurvatureConfig` and the Kronecker-factored operators' own arguments
+    (:class:`~torchcurv.KFACOperator`, :class:`~torchcurv.EKFACOperator`; the values
+    are checked there). ``generator`` is a copy in the state the given one had at
+    construction, as for :class:`MCFisherConfig`."""
+
+    fisher_type: str = "mc"
+    kfac_approx: str = "expand"
+    mc_samples: int = 1
+    seed: int = 0
+    generator: torch.Generator | None = None
+    per_batch_seeds: bool | None = None
+    separate_weight_and_bias: bool = True
+
+
 def snapshot(generator: torch.Generator | None) -> torch.Generator | None:
     """A new generator in ``generator``'s current state (``None`` stays ``None``)."""
     if generator is None:

@@ -143,12 +143,12 @@ class CurvatureOperator(ParameterOperator):
             return None
         d = self.derivative
         if d is None or d.walks_data_per_vector or d.perturbs_params or not self._graphable:
-            what = (f"method={self.derivative.name!r}" if self.derivative is not None
+            what = (f"{type(self).__name__} with method={d.name!r}" if d is not None
                     else type(self).__name__)
             raise ValueError(
                 f"cuda_graphs=True records the per-batch products of the exact Hessian "
                 f"(method='autograd' or 'forward_over_reverse'), the GGN and the empirical "
-                f"Fisher; {type(self).__name__} with {what} has none to record")
+                f"Fisher; {what} has none to record")
         if self._config.compile:
             raise ValueError(
                 "cuda_graphs=True records eager products; with compile=True the compiled "

@@ -60,6 +60,7 @@ from torchcurv.losses.fisher import SAMPLEABLE, empirical_fisher_factors, monte_
 from torchcurv.losses.hessian_sqrt import LossHessianSqrt
 from torchcurv.objectives import Objective
 from torchcurv.operators.base import ParameterOperator
+from torchcurv.operators.config import CurvatureConfig, KFACConfig, snapshot
 from torchcurv.operators.curvature import BatchLosses, CurvatureOperator
 from torchcurv.operators.fisher import SeededDraws
 from torchcurv.operators.jacobian import forward_with_graph
@@ -256,6 +257,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         True
     """
 
+    config_type = KFACConfig
+
     def __init__(
         self,
         model: nn.Module,
@@ -269,16 +272,20 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         generator: torch.Generator | None = None,
         per_batch_seeds: bool | None = None,
         separate_weight_and_bias: bool = True,
-        params: Iterable[torch.Tensor] | None = None,
-        param_filter: str | Sequence[str] | None = None,
-        check_deterministic: bool = True,
-        process_group: Any = None,
-        distributed: bool | None = None,
-        debug_distributed: bool = False,
-        microbatch_size: int | None = None,
+        # Any rather than Unpack[CurvatureOptions], as for HessianOperator
+        **options: Any,
     ) -> None:
+        self._build(KFACConfig.of(
+            type(self).__name__, model, criterion, data, fisher_type=fisher_type,
+            kfac_approx=kfac_approx, mc_samples=mc_samples, seed=seed,
+            generator=snapshot(generator), per_batch_seeds=per_batch_seeds,
+            separate_weight_and_bias=separate_weight_and_bias, **options))
+
+    def _build(self, config: CurvatureConfig) -> None:
+        assert isinstance(config, KFACConfig)
+        fisher_type, mc_samples = config.fisher_type, config.mc_samples
         check_choice(fisher_type, FISHER_TYPES, "fisher_type")
-        check_choice(kfac_approx, KFAC_APPROXES, "kfac_approx")
+        check_choice(config.kfac_approx, KFAC_APPROXES, "kfac_approx")
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
         if fisher_type != "mc" and mc_samples != 1:
@@ -286,18 +293,21 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                 f"mc_samples={mc_samples} with fisher_type={fisher_type!r}: only the "
                 "Monte-Carlo Fisher draws samples; leave mc_samples=1"
             )
+        # products are matrix products of the factors: nothing to compile, record or split
+        if config.compile:
+            raise ValueError(f"{type(self).__name__} has no derivative to compile "
+                             "(its products multiply the Kronecker factors); drop compile")
+        if config.max_memory not in ("auto", None):
+            raise ValueError(
+                f"{type(self).__name__}'s products hold nothing but the factors and the "
+                "vectors, so max_memory has nothing to bound; drop it")
         self.fisher_type = fisher_type
-        self.kfac_approx = kfac_approx
+        self.kfac_approx = config.kfac_approx
         self.mc_samples = mc_samples
-        self.separate_weight_and_bias = bool(separate_weight_and_bias)
-        self.seed = int(seed)
-        super().__init__(
-            model, criterion, data, params=params, param_filter=param_filter,
-            check_deterministic=check_deterministic, process_group=process_group,
-            distributed=distributed, debug_distributed=debug_distributed,
-            microbatch_size=microbatch_size,
-        )
-        self._init_draws(generator, per_batch_seeds)
+        self.separate_weight_and_bias = bool(config.separate_weight_and_bias)
+        self.seed = int(config.seed)
+        super()._build(config)
+        self._init_draws(config.generator, config.per_batch_seeds)
         crit = self.objective.criterion
         if fisher_type != "empirical" and (
                 not isinstance(crit, SAMPLEABLE) or self.objective.targets is None):
