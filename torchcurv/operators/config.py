@@ -87,7 +87,8 @@ class CurvatureConfig:
             (default): a share of the CUDA device's free memory at each product, no limit
             off CUDA; ``None``: never split. The first block product that needs the split
             measures its first columns (1, 2, then 4 vectors) to learn the peak per
-            vector, and later ones reuse that; :meth:`memory_estimate` predicts it.
+            vector, and later ones reuse that; :meth:`memory_estimate` predicts it. On
+            CUDA those measurements reset ``torch.cuda``'s peak-memory statistic.
         cuda_graphs: record each batch's product as a CUDA graph at the first product of
             each block width and replay it afterwards (:mod:`torchcurv.operators.graphs`):
             for models whose products are bound by launching kernels, not by the GPU.
