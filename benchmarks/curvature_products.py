@@ -44,9 +44,10 @@ def budget_rows(problem, method, op, device, t_grad, step_peak_gib, reps, factor
              nparams=n, skipped=f"{factor} training steps are below what is allocated")
         return
     estimate = op.memory_estimate(16)
+    whole = op.replace(max_memory=None)  # one product per block, measured as it is
     for m in (1, 16):
         block = V[:, :m].contiguous()
-        measured = peak_gib(device, lambda block=block: op.replace(max_memory=None).matmat(block))
+        measured = peak_gib(device, lambda block=block: whole.matmat(block))
         emit(problem=problem, lib="torchcurv", method=method, what="memory_estimate", m=m,
              nparams=n, predicted_gib=(base + estimate.at(m).bytes) / 2**30,
              measured_peak_gib=measured,

@@ -104,6 +104,27 @@ def check_product(rank):
             _later_products_right(op, reference[name])
 
 
+def check_between_sub_blocks(rank):
+    # A budgeted block (max_memory: every sub-block one vector) interrupted on rank 1
+    # between its sub-blocks, outside any product: rank 0 raises at its next checkpoint.
+    model, criterion, shard, reference = _setup(rank)
+    H = torchcurv.HessianOperator(model, criterion, shard, max_memory=1)
+    product = H._product
+    calls = {"n": 0}
+
+    def interrupted(V):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 2:
+            raise KeyboardInterrupt
+        return product(V)
+
+    H._product = interrupted
+    V = torch.randn(H.n, 4, dtype=torch.float64)
+    _expect_raise(rank, lambda: H.matmat(V), KeyboardInterrupt)
+    H._product = product
+    _later_products_right(H, reference["hessian"])
+
+
 def check_algorithms(rank):
     model, criterion, shard, reference = _setup(rank)
     H = torchcurv.HessianOperator(model, criterion, shard)
@@ -154,8 +175,8 @@ def check_loader_shrinks(rank):
     _later_products_right(op, reference["ggn"])
 
 
-CHECKS = [check_construction, check_product, check_algorithms, check_ranks_disagree,
-          check_loader_shrinks]
+CHECKS = [check_construction, check_product, check_between_sub_blocks, check_algorithms,
+          check_ranks_disagree, check_loader_shrinks]
 
 
 @pytest.fixture(scope="module")

@@ -511,8 +511,16 @@ class CurvatureOperator(ParameterOperator):
         same product). The ranks agree on every sub-block size (the smallest), so their
         collectives pair.
         """
-        m = V.shape[1]
-        outs, j = [], 0
+        outs: list[torch.Tensor] = []
+        # distributed, a failure between sub-blocks (anything, KeyboardInterrupt too) is
+        # posted to the others' next checkpoint (agree_min's or a product's)
+        with self._stage(self.device):
+            self._budgeted_columns(V, budget, outs)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _budgeted_columns(self, V: torch.Tensor, budget: int, outs: list[torch.Tensor]
+                          ) -> None:
+        m, j = V.shape[1], 0
         while j < m:
             rest, points = m - j, self._memory_points
             learning = len(points) < len(self._CALIBRATION)
@@ -535,7 +543,6 @@ class CurvatureOperator(ParameterOperator):
                     torch.cuda.empty_cache()
                 continue
             j += size
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def memory_estimate(self, m: int = 1) -> MemoryEstimate:
         """The predicted peak memory of one product with ``m`` vectors, above what is
@@ -547,7 +554,9 @@ class CurvatureOperator(ParameterOperator):
         vectors run here (the cost of seven vectors, once per operator). On CUDA the
         allocator's peak; on the CPU the tensors torch creates (see
         :mod:`torchcurv.operators.memory`). A size that runs out of memory while
-        measuring ends the measurement; the line then comes from the sizes that fit.
+        measuring ends the measurement; the line then comes from the sizes that fit (in
+        one process; distributed, the error is raised). Distributed, every rank calls
+        it, as a product.
         """
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"m must be a positive number of vectors, got {m!r}")
@@ -560,7 +569,8 @@ class CurvatureOperator(ParameterOperator):
                     try:
                         self._measured_product(V)
                     except torch.OutOfMemoryError:
-                        if not self._memory_points:
+                        # distributed, the other ranks are in the same product: raise
+                        if not self._memory_points or self.distributed:
                             raise
                         break
                     finally:

@@ -208,9 +208,13 @@ def budget_bytes(max_memory: MaxMemory, device: torch.device) -> int | None:
         return int(max_memory)
     if device.type != "cuda":
         return None
+    return int(AUTO_FRACTION * _available(device))
+
+
+def _available(device: torch.device) -> int:
+    """The CUDA device's free memory, the allocator's cached but unused memory included."""
     free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(AUTO_FRACTION * (free + cached))
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def basis_bytes(n: int, vectors: int, dtype: torch.dtype) -> int:
@@ -231,8 +235,6 @@ def basis_device(op: Any, vectors: int, dtype: torch.dtype, block_size: int = 1
     device = torch.device(op.device)
     if device.type != "cuda":
         return device
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     product = op.memory_estimate(block_size).bytes if hasattr(op, "memory_estimate") else 0
-    fits = basis_bytes(op.n, vectors, dtype) + product <= AUTO_FRACTION * (free + cached)
+    fits = basis_bytes(op.n, vectors, dtype) + product <= AUTO_FRACTION * _available(device)
     return device if fits else torch.device("cpu")
