@@ -51,15 +51,28 @@ def main() -> None:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=5))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        top_eigenvalues(args, device, local_rank if cuda else None)
+    finally:
+        # The DDP wrapper and its communication state die with top_eigenvalues' frame,
+        # before the group goes. Rank 0 may still be computing its single-process
+        # reference: a rank that tears the group down while a peer is busy can abort in
+        # gloo's threads at exit, so everyone waits for the last rank first.
+        dist.barrier()
+        dist.destroy_process_group()
 
+
+def top_eigenvalues(args: argparse.Namespace, device: torch.device,
+                    device_id: int | None) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
     model, dataset = make_problem(args.samples)
     if len(dataset) % world:
         # DistributedSampler pads the last shard by repeating samples, which would count
         # them twice in the curvature; keep the data set a multiple of the world size.
         raise SystemExit(f"--samples must be a multiple of the world size {world}")
     model = model.to(device).eval()
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=None if device_id is None else [device_id])
     # shuffle=False: every product walks the same batches (shuffle=True is fine too as
     # long as set_epoch is not called between products).
     sampler = DistributedSampler(dataset, shuffle=False)
@@ -82,7 +95,6 @@ def main() -> None:
             diff = float((res.eigenvalues - ref.eigenvalues).abs().max()
                          / ref.eigenvalues.abs().max())
             print(f"{name} max relative difference to one process: {diff:.2e}", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
