@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# One device-machine call per stage; every stage writes JSON lines / logs into $OUT.
+# One device-machine call per stage; every stage writes JSON lines / logs into $OUT,
+# result files named with $TAG (default h200).
 #
 #   bash benchmarks/device_run.sh tests      # every gpu-marked test (CUDA, Triton, CuPy)
 #   bash benchmarks/device_run.sh kernels    # CE-HVP kernel tests, microbenchmark + config sweep
 #   bash benchmarks/device_run.sh products   # HVP / GGN products vs gradient, with peers
+#   bash benchmarks/device_run.sh engine     # HVP profile, compile (GPT-2), KFAC: with peers
 #   bash benchmarks/device_run.sh solvers    # eigensolver backends, with peers
 #   bash benchmarks/device_run.sh lm         # GPT-2-style LM scale (eager and sdpa)
+#   bash benchmarks/device_run.sh billion    # 1.1B LLaMA: products, top-10, SLQ (~9 min)
 #
 # The device image has torch, triton, cupy, transformers but not the peers or pytest:
 # carry their wheels in .whl/ (git-ignored); they are installed into /tmp/site here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
+TAG=${TAG:-h200}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -41,18 +45,27 @@ for stage in "$@"; do
                 tests/test_ce_hvp_triton.py
             run ce_backend_tests python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu \
                 tests/test_ce_hvp.py
-            run ce_hvp python3 benchmarks/ce_hvp.py --sweep --out "$OUT/ce_hvp_h100.jsonl" ;;
+            run ce_hvp python3 benchmarks/ce_hvp.py --sweep --out "$OUT/ce_hvp_$TAG.jsonl" ;;
         products)
             run curvature_products python3 benchmarks/curvature_products.py \
-                --out "$OUT/curvature_products_h100.jsonl"
-            run ggn_products python3 benchmarks/ggn_products.py --out "$OUT/ggn_products_h100.jsonl" ;;
+                --out "$OUT/curvature_products_$TAG.jsonl"
+            run ggn_products python3 benchmarks/ggn_products.py --out "$OUT/ggn_products_$TAG.jsonl" ;;
+        engine)
+            run hvp_profile python3 benchmarks/hvp_profile.py --out "$OUT/hvp_profile_$TAG.jsonl"
+            run compile_gpt2 python3 benchmarks/compile_products.py --only gpt2 --attn sdpa \
+                --out "$OUT/compile_products_${TAG}_gpt2.jsonl"
+            run kfac python3 benchmarks/kfac.py --device cuda --reps 20 \
+                --out "$OUT/kfac_$TAG.jsonl" ;;
         solvers)
             run eigsh_backends python3 benchmarks/eigsh_backends.py
-            run eigsolvers python3 benchmarks/eigsolvers.py --out "$OUT/eigsolvers_h100.jsonl"
+            run eigsolvers python3 benchmarks/eigsolvers.py --out "$OUT/eigsolvers_$TAG.jsonl"
             run profile_lanczos python3 benchmarks/profile_lanczos.py \
-                --out "$OUT/profile_lanczos_h100.jsonl" ;;
+                --out "$OUT/profile_lanczos_$TAG.jsonl" ;;
         lm)
-            run lm_scale python3 benchmarks/lm_scale.py --out "$OUT/lm_scale_h100.jsonl" ;;
+            run lm_scale python3 benchmarks/lm_scale.py --out "$OUT/lm_scale_$TAG.jsonl" ;;
+        billion)
+            run lm_billion timeout 590 python3 benchmarks/lm_billion.py --budget-s 540 \
+                --out "$OUT/lm_billion_$TAG.jsonl" --figures "$OUT" ;;
         *) echo "unknown stage $stage"; status=2 ;;
     esac
 done

@@ -26,8 +26,8 @@ second-order products; load such models with ``attn_implementation="eager"`` or 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, get_args
 
 import torch
@@ -44,7 +44,7 @@ ORDERS: tuple[AttentionOrder, ...] = get_args(AttentionOrder)
 # by the first and lifted by the last, so that interleaved exits cannot restore a stale
 # choice (leaving the math backend on for good, or fused kernels back mid-product).
 _LOCK = threading.Lock()
-_ACTIVE: list[ExitStack] = []
+_ACTIVE: list[Callable[[], None]] = []  # how to give the backends back, one per outermost block
 _DEPTH = 0
 # The orders of this thread's open blocks: the kernel serves an SDPA call only when every
 # one of them is "jvp" (an enclosing "second" block may differentiate it twice).
@@ -52,6 +52,40 @@ _ORDERS = threading.local()
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
               "enable_gqa")
+
+
+def _sdpa_flags() -> list[tuple[Callable[[], bool], Callable[[bool], None], bool]] | None:
+    """``(get, set, is_math)`` for each of SDPA's backend flags, read from the table that
+    ``sdpa_kernel`` itself uses, or ``None`` where that private table is missing."""
+    try:
+        from torch.nn.attention import _backend_names
+
+        return [(getattr(torch._C, f"_get_{name}_sdp_enabled"),
+                 getattr(torch._C, f"_set_sdp_use_{name}"), name == "math")
+                for name in _backend_names]
+    except (ImportError, AttributeError):
+        return None
+
+
+# Every product enters the restriction; setting the flags directly costs a few calls, a
+# fraction of ``sdpa_kernel``'s (which is the fallback).
+_FLAGS = _sdpa_flags()
+
+
+def _math_only() -> Callable[[], None]:
+    """Leave only SDPA's math backend on; returns what puts the previous flags back."""
+    if _FLAGS is None:
+        block = sdpa_kernel(SDPBackend.MATH)
+        block.__enter__()
+        return lambda: block.__exit__(None, None, None)
+    before = [get() for get, _, _ in _FLAGS]
+    for _, set_flag, is_math in _FLAGS:
+        set_flag(is_math)
+
+    def restore() -> None:
+        for (_, set_flag, _), on in zip(_FLAGS, before):
+            set_flag(on)
+    return restore
 
 
 class _FlashSdpa(TorchFunctionMode):
@@ -110,9 +144,7 @@ def differentiable_attention(order: AttentionOrder = "second") -> Iterator[None]
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     with _LOCK:
         if _DEPTH == 0:
-            stack = ExitStack()
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            _ACTIVE.append(stack)
+            _ACTIVE.append(_math_only())
         _DEPTH += 1
     orders = _thread_orders()
     orders.append(order)
@@ -127,4 +159,4 @@ def differentiable_attention(order: AttentionOrder = "second") -> Iterator[None]
         with _LOCK:
             _DEPTH -= 1
             if _DEPTH == 0:
-                _ACTIVE.pop().close()
+                _ACTIVE.pop()()
