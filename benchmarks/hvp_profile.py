@@ -6,7 +6,9 @@ reported: on a machine whose speed drifts (a busy host, GPU clocks) interleaving
 ratios comparable. Rows: the gradient; a bare double backward (``torch.autograd.grad``
 twice, no checks); hessian-eigenthings' ``matvec``; torchcurv's walk over the data
 (``_walk_batches``), its product without the input checks (``_matmat``) and ``matvec``; the
-model guard alone; on CUDA also ``cuda_graphs=True``. Each row carries ``nparams`` and,
+model guard alone; the engine's own time (the walk with every batch product computed
+beforehand, and ``matvec`` with the whole walk computed beforehand); on CUDA also
+``cuda_graphs=True``. Each row carries ``nparams`` and,
 from one profiled call, the number of aten operators (and CUDA kernel launches).
 
     python benchmarks/hvp_profile.py --device cuda --out benchmarks/results/hvp_profile_h200.jsonl
@@ -108,12 +110,32 @@ def bench(name: str, device: torch.device, rounds: int) -> None:
         with preserved(model):
             pass
 
+    # The engine without autograd: the walk over the data with each batch's product
+    # replaced by one computed beforehand, and everything outside the walk (input
+    # checks, attention restriction, sharding, loss check) with the walk replaced too.
+    blocks = H._split_block(V)
+    answers = [H.derivative.batch_matmat(H, b, s, blocks) for _, b, s in H._batches()]
+    turn = iter(range(1 << 62))
+    walked = H._walk_batches(V, lambda op, b, s, blk: answers[next(turn) % len(answers)])
+
+    def walk_without_products():
+        H._walk_batches(V, lambda op, b, s, blk: answers[next(turn) % len(answers)])
+
+    def matvec_without_walk():
+        H._walk_batches = lambda V, batch_matmat, enter=None: walked  # type: ignore
+        try:
+            H.matvec(v)
+        finally:
+            del H._walk_batches
+
     fns = [("gradient", gradient), ("bare_double_backward", bare_double_backward),
            ("hessian_eigenthings_matvec", lambda: Hh.matvec(v)),
            ("torchcurv_walk", lambda: H._walk_batches(V, H.derivative.batch_matmat)),
            ("torchcurv_local_matmat", lambda: H._local_matmat(V)),
            ("torchcurv_matmat_unchecked", lambda: H._matmat(V)),
-           ("torchcurv_matvec", lambda: H.matvec(v)), ("model_guard", guard)]
+           ("torchcurv_matvec", lambda: H.matvec(v)), ("model_guard", guard),
+           ("engine_walk_without_products", walk_without_products),
+           ("engine_matvec_without_walk", matvec_without_walk)]
     if device.type == "cuda":
         try:
             Hg = torchcurv.HessianOperator(model, objective, data, cuda_graphs=True)
@@ -127,7 +149,8 @@ def bench(name: str, device: torch.device, rounds: int) -> None:
     for k, f in fns:
         row = dict(problem=name, nparams=n, what=k, ms=t[k] * 1e3,
                    ratio_to_grad=t[k] / t["gradient"], rounds=rounds)
-        if k != "model_guard":
+        if k not in ("model_guard", "engine_walk_without_products",
+                     "engine_matvec_without_walk"):
             row.update(counts(f, device))
         emit(**row)
 
