@@ -44,7 +44,12 @@ def test_sdpa_hessian_products_equal_eager_attention(method):
     assert rel(products["sdpa"], products["eager"]) < 1e-12
 
 
-def test_context_selects_math_and_restores_the_callers_backends():
+@pytest.mark.parametrize("flags", ["direct", "sdpa_kernel"])
+def test_context_selects_math_and_restores_the_callers_backends(flags, monkeypatch):
+    if flags == "sdpa_kernel":  # the fallback where torch's flag table is missing
+        import torchcurv.operators.attention as attention
+
+        monkeypatch.setattr(attention, "_FLAGS", None)
     before = _enabled_backends()
     with differentiable_attention():
         assert _enabled_backends() == (False, False, True, False)

@@ -77,7 +77,10 @@ def _math_only() -> Callable[[], None]:
     if _FLAGS is None:
         block = sdpa_kernel(SDPBackend.MATH)
         block.__enter__()
-        return lambda: block.__exit__(None, None, None)
+
+        def leave() -> None:
+            block.__exit__(None, None, None)
+        return leave
     before = [get() for get, _, _ in _FLAGS]
     for _, set_flag, is_math in _FLAGS:
         set_flag(is_math)
