@@ -64,7 +64,10 @@ class _Snapshot:
             registries = [(r, d[r], d[r].copy()) for r in _REGISTRIES if type(d.get(r)) is dict]
             attributes.append((d, d.copy(), registries))
             for t in (*d["_buffers"].values(), *d.values()) if "_buffers" in d else d.values():
-                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+                is_tensor = _TENSOR_TYPES.get(type(t))
+                if is_tensor is None:
+                    is_tensor = _tensor_type(type(t))
+                if is_tensor and not isinstance(t, nn.Parameter):
                     tensors.setdefault(id(t), (t, t.detach().clone()))
             for p in d.get("_parameters", {}).values():
                 if p is not None:
@@ -107,3 +110,13 @@ def _same(current: dict, saved: dict) -> bool:
 
 
 _MISSING = object()
+
+# Whether a type is a tensor type, per type: most attribute values are not tensors, and
+# isinstance against torch.Tensor (whose metaclass is not `type`) takes the slow path for
+# every one of them, the largest part of a snapshot of a module with many attributes.
+_TENSOR_TYPES: dict[type, bool] = {}
+
+
+def _tensor_type(cls: type) -> bool:
+    is_tensor = _TENSOR_TYPES[cls] = issubclass(cls, torch.Tensor)
+    return is_tensor
