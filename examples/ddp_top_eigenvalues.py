@@ -53,12 +53,14 @@ def main() -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=5))
     try:
         top_eigenvalues(args, device, local_rank if cuda else None)
-    finally:
         # The DDP wrapper and its communication state die with top_eigenvalues' frame,
         # before the group goes. Rank 0 may still be computing its single-process
         # reference: a rank that tears the group down while a peer is busy can abort in
-        # gloo's threads at exit, so everyone waits for the last rank first.
+        # gloo's threads at exit, so everyone waits for the last rank first. Not after
+        # an error: the other ranks may be inside a product's collective, and a rank
+        # waiting here would keep torchrun from seeing the failure.
         dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

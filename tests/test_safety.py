@@ -152,3 +152,22 @@ def test_reduction_none_and_unknown_method_are_refused():
         torchcurv.HessianOperator(model, nn.CrossEntropyLoss(reduction="none"), data)
     with pytest.raises(ValueError, match="method"):
         torchcurv.HessianOperator(model, nn.CrossEntropyLoss(), data, method="magic")
+
+
+def test_guard_restores_tensor_attributes_when_its_type_cache_is_full(monkeypatch):
+    # The guard recognises tensor attributes by a per-type cache that empties itself at
+    # a limit (classes made on the fly are not kept alive): a tensor attribute changed in
+    # place comes back while the cache is being emptied and refilled.
+    from torchcurv.operators import model_guard
+
+    monkeypatch.setattr(model_guard, "_TENSOR_TYPES_LIMIT", 2)
+    model_guard._TENSOR_TYPES.clear()
+    model = nn.Linear(3, 2)
+    model.note = "text"
+    model.scale = 2.5
+    model.steps = torch.zeros(3)
+    for _ in range(3):
+        with model_guard.preserved(model):
+            model.steps.add_(1.0)
+        assert torch.equal(model.steps, torch.zeros(3))
+        assert len(model_guard._TENSOR_TYPES) <= 2

@@ -111,12 +111,17 @@ def _same(current: dict, saved: dict) -> bool:
 
 _MISSING = object()
 
-# Whether a type is a tensor type, per type: most attribute values are not tensors, and
-# isinstance against torch.Tensor (whose metaclass is not `type`) takes the slow path for
-# every one of them, the largest part of a snapshot of a module with many attributes.
+# Per type, not per value: most attribute values are not tensors, and isinstance against
+# torch.Tensor (whose metaclass is not `type`) takes the slow path for every one of them,
+# the largest part of a snapshot of a module with many attributes. A plain dict (an
+# lru_cache's call costs more than the check saves), emptied when it grows large, as
+# classes made on the fly would otherwise be kept alive.
 _TENSOR_TYPES: dict[type, bool] = {}
+_TENSOR_TYPES_LIMIT = 4096
 
 
 def _tensor_type(cls: type) -> bool:
+    if len(_TENSOR_TYPES) >= _TENSOR_TYPES_LIMIT:
+        _TENSOR_TYPES.clear()
     is_tensor = _TENSOR_TYPES[cls] = issubclass(cls, torch.Tensor)
     return is_tensor
