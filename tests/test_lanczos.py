@@ -169,6 +169,68 @@ def test_streamed_basis_in_small_chunks_gives_the_same_eigenpairs(monkeypatch):
     assert torch.allclose(chunked.eigenvalues, whole.eigenvalues, rtol=1e-6)
 
 
+def test_bfloat16_operator_finds_large_eigenvalues_above_a_bulk_it_cannot_resolve():
+    # A few eigenvalues far above a bulk that bfloat16 products cannot resolve (their
+    # rounding, eps ||A|| ~ 8, exceeds the bulk): the recurrence must keep the genuine
+    # directions. A breakdown test of 100 eps ||A|| (78 % of ||A||) discarded most of
+    # them and returned 899 for 1000 and 13.7 for 200.
+    top = torch.tensor([1000.0, 700.0, 500.0, 300.0, 200.0], dtype=DT)
+    ev = torch.cat([top, torch.rand(395, dtype=DT, generator=torch.Generator().manual_seed(0))])
+    A = rotated(ev)
+    r = lanczos_eigsh(torchcurv.MatrixOperator(A.to(torch.bfloat16)), k=5, tol=1e-2, seed=0,
+                      maxiter=50)
+    noise = 3 * torch.finfo(torch.bfloat16).eps * 1000
+    assert torch.allclose(r.eigenvalues, top.flip(0), rtol=0, atol=noise), r.eigenvalues
+    # what is within reach of bfloat16 is reported converged, with true residuals
+    assert r.converged[-3:].all(), r.residuals / r.eigenvalues.abs()
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+@pytest.mark.parametrize("n, segment", [(64, 8), (67, 8), (67, 33), (8, 4), (20, 64)])
+def test_inner_products_in_pieces_equal_the_plain_product(lead, n, segment):
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(*lead, 2, n, dtype=DT, generator=g)
+    B = torch.randn(*lead, 5, n, dtype=DT, generator=g)
+    expected = A @ B.transpose(-1, -2)
+    got = krylov.inner_products(A, B, segment)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-13, atol=1e-12)
+    # column-major views, as the power method and Hutch++ pass their (n, k) blocks
+    At, Bt = A.transpose(-1, -2).contiguous(), B.transpose(-1, -2).contiguous()
+    got = krylov.inner_products(At.transpose(-1, -2), Bt.transpose(-1, -2), segment)
+    assert torch.allclose(got, expected, rtol=1e-13, atol=1e-12)
+
+
+def test_projections_in_pieces_give_the_same_eigenpairs(monkeypatch):
+    # CUDA cuts every long contraction into pieces; force that on the CPU for every
+    # projection of the recurrence (Gram-Schmidt, T's diagonal, breakdown replacements).
+    ev = torch.cat([indefinite_spectrum(100), torch.zeros(20, dtype=DT)])
+    op = torchcurv.MatrixOperator(rotated(ev))
+    whole = lanczos_eigsh(op, k=4, tol=1e-9, seed=0, which="BE")
+    calls = []
+    plain = krylov.inner_products
+    monkeypatch.setattr(krylov, "inner_products",
+                        lambda A, B: calls.append(A.shape[-1]) or plain(A, B, segment=7))
+    pieces = lanczos_eigsh(op, k=4, tol=1e-9, seed=0, which="BE")
+    assert calls and set(calls) == {120}
+    assert pieces.all_converged
+    assert torch.allclose(pieces.eigenvalues, whole.eigenvalues, rtol=1e-10)
+    assert torch.allclose(pieces.eigenvalues, wanted(ev, 4, "BE"), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inner_products_on_cuda_cut_long_contractions_and_stay_exact(dtype):
+    n = 3 * krylov.SEGMENT + 5
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(1, 2, n, dtype=DT, generator=g), torch.randn(1, 7, n, dtype=DT,
+                                                                    generator=g)
+    got = krylov.inner_products(A.to("cuda", dtype), B.to("cuda", dtype))
+    expected = A @ B.transpose(1, 2)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(got.double().cpu(), expected, rtol=tol, atol=tol * n ** 0.5)
+
+
 @pytest.mark.gpu
 def test_host_basis_for_gpu_operator():
     ev = indefinite_spectrum(500)

@@ -56,6 +56,19 @@ def test_moments_match_trace_and_frobenius_within_sampling_error(seed):
     assert abs(float(torch.trapezoid(sd.grid * sd.density, sd.grid)) - first) < 1e-6
 
 
+def test_bfloat16_operator_keeps_every_node_and_its_second_moment():
+    # bfloat16 couplings are above the noise floor eps ||A|| but below 1e3 eps ||A||
+    # (7.8 ||A||): cutting there left one node per probe, a density of spikes.
+    ev = torch.linspace(-1, 10, 300, dtype=DT)
+    A = rotated(ev)
+    kw = dict(num_probes=2, lanczos_steps=20, seed=0)
+    exact = spectral_density(torchcurv.MatrixOperator(A), **kw)
+    half = spectral_density(torchcurv.MatrixOperator(A.to(torch.bfloat16)), **kw)
+    assert (half.weights > 0).sum(1).tolist() == [20, 20]
+    second = (half.weights * half.nodes ** 2).sum(1)
+    assert torch.allclose(second, (exact.weights * exact.nodes ** 2).sum(1), rtol=3e-2)
+
+
 def test_quadrature_is_exact_per_probe_even_after_breakdown():
     # Five distinct eigenvalues: the probe's Krylov space is invariant after 5 steps, the
     # rule then has exactly those 5 nodes and reproduces v^T A^q v for every q.

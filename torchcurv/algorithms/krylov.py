@@ -35,6 +35,55 @@ from torchcurv.operators.memory import basis_device as choose_basis_device
 CHUNK_BYTES = 256 * 2**20
 """Largest piece of a streamed basis (host-resident or other-dtype) on the device at once."""
 
+SEGMENT = 2**16
+"""Length of the pieces :func:`inner_products` cuts a long contraction into on CUDA."""
+
+
+def inner_products(A: torch.Tensor, B: torch.Tensor, segment: int | None = None) -> torch.Tensor:
+    """``A @ B^T`` over the last dimension: ``(..., p, n)`` and ``(..., c, n)`` give
+    ``(..., p, c)``, the projections of Gram-Schmidt and Rayleigh-Ritz.
+
+    Why not ``A @ B.mT``: when the contracted length ``n`` is the only long dimension
+    (a few vectors against a few others), cuBLAS picks a matrix-vector kernel that runs
+    on a single multiprocessor, so at language-model sizes every projection reads
+    gigabytes through one SM. On CUDA the contraction is cut into ``segment``-long pieces
+    (default :data:`SEGMENT`), multiplied as one batched product over the pieces (every
+    SM busy) and the partial sums added; the inputs are viewed, never copied. Elsewhere,
+    or when ``n`` is under two pieces, it is the plain product. Cost: one read of both
+    inputs either way; the partials are ``(n / segment) x p x c``.
+    """
+    n = A.shape[-1]
+    if segment is None:
+        segment = SEGMENT if A.is_cuda else n
+    pieces = n // max(segment, 1)
+    if pieces < 2 or A.shape[-2] == 0 or B.shape[-2] == 0:
+        return A @ B.transpose(-1, -2)
+    cut = pieces * segment
+    out = A[..., cut:] @ B[..., cut:].transpose(-1, -2)
+    lead = A.shape[:-2]
+    A3 = A[..., :cut].reshape(-1, *A.shape[-2:-1], cut)
+    B3 = B[..., :cut].reshape(-1, *B.shape[-2:-1], cut)
+    partial = torch.stack([
+        torch.bmm(a.unflatten(-1, (pieces, segment)).transpose(0, 1),
+                  b.unflatten(-1, (pieces, segment)).transpose(0, 1).transpose(1, 2)).sum(0)
+        for a, b in zip(A3, B3)
+    ])
+    return out + partial.reshape(*lead, *partial.shape[-2:])
+
+
+def noise_margin(eps: float, margin: float) -> float:
+    """``margin`` for a float32/float64 working precision ``eps``, 1 for half precision:
+    the factor above ``eps ||A||`` (a product's rounding noise) below which a Lanczos
+    coupling counts as noise.
+
+    Why: a margin covers rounding accumulated in the working dtype, which matters at
+    float32/64 eps; at bfloat16's, ``100 eps ||A||`` is 78 % of ``||A||``, so the
+    recurrence threw away most genuine directions of a spectrum with a few large
+    eigenvalues (and returned wrong ones) and SLQ cut every probe's rule after one node
+    (test_lanczos, test_spectral: the bfloat16 operators).
+    """
+    return margin if eps < 1e-6 else 1.0
+
 
 def _arithmetic_floor(dtype: torch.dtype) -> torch.dtype:
     """The narrowest dtype the recurrence computes in for an operator of ``dtype``.
@@ -121,7 +170,8 @@ class KrylovBasis:
         b, p, n = X.shape
         Y = self.op.matmat(X.reshape(b * p, n).T.to(self.op.dtype))
         Y = Y.T.reshape(b, p, n).to(self.compute_dtype)
-        self.anorm = max(self.anorm, float(Y.double().norm(dim=-1).max()))
+        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(
+            Y, dim=-1, dtype=torch.float64).max()))
         return Y
 
     def orthogonalize(self, W: torch.Tensor, count: int) -> torch.Tensor:
@@ -132,7 +182,7 @@ class KrylovBasis:
         """
         for _ in range(2):
             for _, Q in self._row_chunks(count):
-                W = W - (W @ Q.transpose(1, 2)) @ Q
+                W = W - inner_products(W, Q) @ Q
         return W
 
     def step(self, pos: int, p: int) -> torch.Tensor:
@@ -146,7 +196,7 @@ class KrylovBasis:
         """
         X = self.rows(pos, pos + p)
         W = self.apply(X)
-        D = (X @ W.transpose(1, 2)).double().cpu()
+        D = inner_products(X, W).double().cpu()
         self.T[:, pos:pos + p, pos:pos + p] = (D + D.transpose(1, 2)) / 2
         return self.orthogonalize(W, pos + p)
 
@@ -174,7 +224,8 @@ class KrylovBasis:
 
     def _breakdown_threshold(self) -> float:
         # Directions below this are rounding noise of the products that made them.
-        return 100 * self.working_eps * max(self.anorm, 1e-300)
+        return noise_margin(self.working_eps, 100.0) * self.working_eps * max(self.anorm,
+                                                                             1e-300)
 
     def next_block(self, W: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Orthonormal next block ``Q`` and coupling ``R`` (``W[j] = sum_i R[i, j] Q[i]``)
@@ -198,10 +249,10 @@ class KrylovBasis:
             for j in range(W.shape[1]):
                 v = W[i, j]
                 for _ in range(2):
-                    c = Q[i, :j] @ v
+                    c = inner_products(v[None], Q[i, :j])[0]
                     v = v - c @ Q[i, :j]
                     R[i, :j, j] += c.double().cpu()
-                r = float(v.double().norm())
+                r = float(torch.linalg.vector_norm(v, dtype=torch.float64))
                 if r <= threshold:
                     R[i, j, j] = 0.0
                     Q[i, j] = self._random_orthogonal(i, count, Q[i, :j])
@@ -218,7 +269,7 @@ class KrylovBasis:
         full[i, 0] = z.to(self.device, self.compute_dtype)
         for _ in range(2):
             full = self.orthogonalize(full, count)
-            full[i, 0] -= (others @ full[i, 0]) @ others
+            full[i, 0] -= inner_products(full[i, :1], others)[0] @ others
         v = full[i, 0]
         return v / v.norm()
 

@@ -36,6 +36,7 @@ from torchcurv.algorithms.arguments import (
     synchronized_clock,
 )
 from torchcurv.algorithms.eigsh import POWER_WHICH
+from torchcurv.algorithms.krylov import inner_products
 from torchcurv.algorithms.probing import check_operator
 from torchcurv.algorithms.result import (
     ConvergenceHistory,
@@ -168,7 +169,7 @@ def _rayleigh_ritz(V: torch.Tensor, AV: torch.Tensor) -> tuple[torch.Tensor, tor
     nearly invariant subspace ``span(V)``). Returns ascending float64 CPU values and
     ``(n, k)`` vectors.
     """
-    H = (V.T @ AV).double()
+    H = inner_products(V.T, AV.T).double()
     values, S = torch.linalg.eigh((H + H.T) / 2)
     return values.cpu(), V @ S.to(V.dtype)
 
@@ -176,7 +177,7 @@ def _rayleigh_ritz(V: torch.Tensor, AV: torch.Tensor) -> tuple[torch.Tensor, tor
 def _deflate(x: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
     """``x`` minus its components along the found eigenvectors (twice, for orthogonality)."""
     for _ in range(2):
-        x = x - found @ (found.T @ x)
+        x = x - found @ inner_products(x[None], found.T)[0]
     return x
 
 

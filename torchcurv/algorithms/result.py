@@ -204,7 +204,8 @@ def residual_norms(
     lam = eigenvalues.to(device=V.device, dtype=V.dtype)
     with op.uncounted():
         R = op.matmat(V) - V * lam
-    return R.double().norm(dim=0).cpu()
+    # float64 inside the reduction: a float64 copy of R would be k times the model's size
+    return torch.linalg.vector_norm(R, dim=0, dtype=torch.float64).cpu()
 
 
 def converged_mask(

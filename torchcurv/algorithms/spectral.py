@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from torchcurv.algorithms.arguments import synchronized_clock
-from torchcurv.algorithms.krylov import KrylovBasis
+from torchcurv.algorithms.krylov import KrylovBasis, noise_margin
 from torchcurv.algorithms.plotting import finish_plot, plot_axes
 from torchcurv.algorithms.probing import (
     DISTRIBUTIONS,
@@ -43,7 +43,8 @@ density's coordinate (Ghorbani et al. use ``sigma^2 = 1e-5`` on a spectrum scale
 LINEAR_WIDTH_FRACTION = 1e-4
 """Default ``linear_width`` of the log-scale coordinate, relative to the largest |node|."""
 NEGLIGIBLE_EPS = 1e3
-"""Lanczos couplings below ``NEGLIGIBLE_EPS * eps * ||A||`` end a probe's rule (breakdown)."""
+"""Lanczos couplings below ``NEGLIGIBLE_EPS * eps * ||A||`` end a probe's rule (breakdown);
+in half precision below ``eps * ||A||`` (:func:`~torchcurv.algorithms.krylov.noise_margin`)."""
 TAIL_SIGMAS = 6.0
 """The default grid extends this many widths beyond the extreme nodes (mass lost < 1e-9)."""
 
@@ -245,7 +246,7 @@ def spectral_density(
         kb = KrylovBasis(op, b, steps, generator=generator)
         kb.set_rows(0, probes[:, None, :])
         kb.extend(0, steps, 1)
-        negligible = NEGLIGIBLE_EPS * kb.working_eps * kb.anorm
+        negligible = noise_margin(kb.working_eps, NEGLIGIBLE_EPS) * kb.working_eps * kb.anorm
         for T in kb.T:
             theta, weight = gauss_rule(T, negligible)
             node_list.append(theta)

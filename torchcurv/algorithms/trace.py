@@ -15,6 +15,7 @@ from typing import Literal, get_args
 
 import torch
 
+from torchcurv.algorithms.krylov import inner_products
 from torchcurv.algorithms.probing import (
     DISTRIBUTIONS,
     BudgetedProducts,
@@ -186,7 +187,7 @@ def hutchpp_parts(apply: Apply, Q: torch.Tensor, G: torch.Tensor) -> tuple[torch
     ``g_j^T (I-QQ^T) A (I-QQ^T) g_j``, whose mean is an unbiased estimate of the rest.
     """
     s = Q.shape[1]
-    G = G - Q @ (Q.T @ G)
+    G = G - Q @ inner_products(Q.T, G.T)
     block = torch.cat([Q, G], dim=1)
     product = apply(block)
     forms = (block * product).sum(dim=0, dtype=torch.float64)
@@ -211,9 +212,9 @@ def xtrace_samples(apply: Apply, Omega: torch.Tensor) -> torch.Tensor:
     """
     Q, R = torch.linalg.qr(apply(Omega))
     Z = apply(Q)
-    H = Q.T @ Z
+    H = inner_products(Q.T, Z.T)
     H = ((H + H.T) / 2).double()
-    W = (Q.T @ Omega).double()
+    W = inner_products(Q.T, Omega.T).double()
     R = R.double()
     S = leave_one_out_directions(R)
     HS = H @ S
