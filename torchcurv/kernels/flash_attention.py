@@ -27,9 +27,10 @@ are not implemented: they raise. That is why
 under ``order="jvp"`` (forward mode, first-order backward, forward over reverse).
 
 Memory: the output, ``lse`` (``B * H * T`` floats) and, in the backward, float32 ``dQ, dK,
-dV`` per query head (GQA groups are summed after). Boolean or additive masks are read
-tile by tile through broadcast (stride 0) views, never copied. The kernels are in
-:mod:`torchcurv.kernels.flash_attention_triton` (CUDA; on CPU tensors only under
+dV`` per query head (GQA groups are summed after). Masks are read tile by tile through
+broadcast (stride 0) views over heads; a boolean mask is first turned into the additive
+mask it equals, one ``(B, 1 or H, Tq, Tk)`` tensor of the query's dtype per launch. The
+kernels are in :mod:`torchcurv.kernels.flash_attention_triton` (CUDA; on CPU tensors only under
 triton's interpreter, ``TRITON_INTERPRET=1``, which the tests use).
 """
 

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from torchcurv.kernels.triton_env import triton_interpreter_active
 
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+MASK_NONE, MASK_ADD = 0, 2
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,7 @@ def _scores(q, k, scale, offs_m, offs_n, Tq, Tk, mask_ptr, smm, smn,
     if MASK_KIND != 0:
         at = mask_ptr + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn
         inside = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
-        if MASK_KIND == 1:
-            valid = valid & (tl.load(at, mask=inside, other=0) != 0)
-        else:
-            s = s + tl.load(at, mask=inside, other=0.0).to(ACC)
+        s = s + tl.load(at, mask=inside, other=0.0).to(ACC)
     return tl.where(valid, s, float("-inf"))
 
 
@@ -451,16 +448,20 @@ def _prec(dtype: torch.dtype) -> str:
 
 def _mask_args(mask: torch.Tensor | None, like: torch.Tensor, heads: int, tq: int, tk: int):
     """``(pointer, strides, batch size, kind)`` of a 4-D mask broadcast to ``heads`` heads
-    by stride 0 (never copied)."""
+    by stride 0 (never expanded in memory).
+
+    A boolean mask is read as the additive mask it equals (``0`` where it attends,
+    ``-inf`` elsewhere, in ``like``'s dtype): the tiles of ``S`` are the same bit for bit,
+    and the kernels then load only floating tiles. Triton failed to lower the forward
+    kernel's ``uint8`` mask load in float64 on the H200 (the GPU test's bool-mask case).
+    """
     if mask is None:
         return like, (0, 0, 0, 0), 1, MASK_NONE
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=like.dtype, device=mask.device).masked_fill_(
+            ~mask, float("-inf"))
     m = mask.expand(mask.shape[0], heads, tq, tk)
-    if m.dtype == torch.bool:
-        m = m.view(torch.uint8)
-        kind = MASK_BOOL
-    else:
-        kind = MASK_ADD
-    return m, m.stride(), m.shape[0], kind
+    return m, m.stride(), m.shape[0], MASK_ADD
 
 
 def _dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
