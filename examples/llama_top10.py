@@ -8,12 +8,15 @@ thick-restart Lanczos (``torchcurv.eigsh(backend="lanczos")``) finds the top ``k
 eigenvalues; every eigenpair's true residual ``||A v - lambda v|| / |lambda||`` is
 checked after the solve and printed with its verdict.
 
-By default the products are finite differences of first-order passes (GGN
-``jvp="finite_difference"``, Hessian ``method="finite_difference"``): they need no
-second-order pass through attention, so SDPA keeps its fused kernels and the
-``(T, T)`` attention matrix is never stored. ``--exact`` uses forward-mode JVPs and
-double backward instead (exact, more memory). The Krylov basis (``ncv`` vectors of
-``n`` entries, 2 bytes each in bfloat16: 43 GiB for ``ncv = 21``) lives on the GPU;
+The products are exact by default: the GGN's JVP in forward mode (``jvp="forward"``)
+and, on CUDA, the Hessian as forward mode over the backward
+(``method="forward_over_reverse"``), both through torchcurv's Triton attention, so the
+``(T, T)`` attention matrix is never stored (on the CPU the Hessian uses double backward:
+torch has no forward-mode rule for SiLU's backward there). ``--no-exact`` uses finite
+differences of first-order passes instead (half the time per product), but in bfloat16
+their relative error is of order 1e-1 (``benchmarks/product_accuracy.py``), far above
+the residual check's ``1e-2``; the operators warn about it. The Krylov basis (``ncv``
+vectors of ``n`` entries, 2 bytes each in bfloat16: 43 GiB for ``ncv = 21``) lives on the GPU;
 ``--basis-device cpu`` moves it to host memory (slower: it crosses PCIe every step).
 ``benchmarks/lm_billion.py`` measures this run on an H200, with what it costs.
 
@@ -76,8 +79,10 @@ def curvature(matrix: str, model, data, exact: bool):
     if matrix == "ggn":
         return torchcurv.GGNOperator(model, objective, data,
                                      jvp="forward" if exact else "finite_difference")
-    return torchcurv.HessianOperator(model, objective, data,
-                                     method="autograd" if exact else "finite_difference")
+    on_cuda = next(model.parameters()).is_cuda
+    method = ("forward_over_reverse" if on_cuda else "autograd") if exact \
+        else "finite_difference"
+    return torchcurv.HessianOperator(model, objective, data, method=method)
 
 
 def main() -> None:
@@ -91,8 +96,8 @@ def main() -> None:
     ap.add_argument("--maxiter", type=int, default=40, help="most thick restarts")
     ap.add_argument("--tol", type=float, default=None,
                     help="relative residual (default 1e-2 in bfloat16, 1e-6 in float64)")
-    ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
-                    help="exact products (default: on with --tiny, else finite differences)")
+    ap.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                    help="exact products (default); --no-exact: finite differences")
     ap.add_argument("--basis-device", default=None, help="where the Krylov basis lives")
     ap.add_argument("--density", default=None, help="write the Hessian's SLQ density here")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
@@ -104,7 +109,7 @@ def main() -> None:
                  "alone is 43 GiB); run with --tiny for a tiny model on the CPU")
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float64 if args.tiny else torch.bfloat16
-    exact = args.tiny if args.exact is None else args.exact
+    exact = args.exact
     tol = TOL[dtype] if args.tol is None else args.tol
     model, data = build(size, device, dtype)
     n = sum(p.numel() for p in model.parameters())

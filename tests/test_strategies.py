@@ -5,6 +5,7 @@ differentiate the model's backward or push tangents through it; first-order stra
 (finite differences) run attention with the default backends.
 """
 
+import warnings
 from typing import ClassVar
 
 import pytest
@@ -148,3 +149,26 @@ def test_the_finite_difference_hessian_restores_the_parameters_bit_for_bit(dtype
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     single = torch.stack([H.matvec(V[:, j]) for j in range(3)], dim=1)
     assert torch.equal(out, single)  # each column from the same base point
+
+
+def _half_model_and_data(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+    return model, [(torch.randn(5, 3, dtype=dtype), torch.randn(5, 2, dtype=dtype))]
+
+
+@pytest.mark.parametrize("cls, keyword", [(torchcurv.HessianOperator, "method"),
+                                          (torchcurv.GGNOperator, "jvp")])
+def test_finite_differences_on_half_precision_parameters_warn_at_construction(cls, keyword):
+    # bfloat16 rounding of the perturbed parameters makes these products inaccurate at
+    # the 1e-1 level (benchmarks/product_accuracy.py): not silently
+    model, data = _half_model_and_data(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match=rf"{keyword}='finite_difference' on bfloat16") \
+            as record:
+        cls(model, nn.MSELoss(), data, **{keyword: "finite_difference"})
+    assert record[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls(model, nn.MSELoss(), data)  # exact products: no warning
+        cls(*_half_model_and_data(torch.float32)[:1], nn.MSELoss(),
+            _half_model_and_data(torch.float32)[1], **{keyword: "finite_difference"})

@@ -32,6 +32,7 @@ class Strategy:
 
     Attributes:
         name: the ``method=`` / ``jvp=`` value that selects it.
+        argument: which of the two keywords selects it (``"method"`` or ``"jvp"``).
         needs_second_order: differentiates the model's backward (double backward).
         needs_forward_mode: pushes tangents through the model (``torch.func.jvp``); such
             products hold the process-wide transforms lock for their whole duration.
@@ -48,6 +49,7 @@ class Strategy:
     """
 
     name: ClassVar[str]
+    argument: ClassVar[str]
     needs_second_order: ClassVar[bool] = False
     needs_forward_mode: ClassVar[bool] = False
     supports_fsdp: ClassVar[bool] = False
@@ -162,6 +164,14 @@ class CompiledKernel:
         )
 
 
+def strategy_registries() -> dict[str, dict[str, type[Strategy]]]:
+    """The strategies by keyword (``"method"``, ``"jvp"``) and name."""
+    from torchcurv.derivatives.hessian import HESSIAN_STRATEGIES
+    from torchcurv.derivatives.jvp import JVP_STRATEGIES
+
+    return {"method": dict(HESSIAN_STRATEGIES), "jvp": dict(JVP_STRATEGIES)}
+
+
 @overload
 def strategy_for(argument: Literal["method"], name: str, *, compile: bool = False
                  ) -> HessianStrategy: ...
@@ -173,11 +183,7 @@ def strategy_for(argument: str, name: str, *, compile: bool = False) -> Strategy
     operators') selects, compiled with ``compile=True``; a ``ValueError`` listing the
     choices for any other name, and naming those with a compiled path where ``name`` has
     none."""
-    from torchcurv.derivatives.hessian import HESSIAN_STRATEGIES
-    from torchcurv.derivatives.jvp import JVP_STRATEGIES
-
-    registries: dict[str, dict[str, type[Strategy]]] = {
-        "method": dict(HESSIAN_STRATEGIES), "jvp": dict(JVP_STRATEGIES)}
+    registries = strategy_registries()
     if argument not in registries:
         raise ValueError(f"argument must be one of {tuple(registries)}, got {argument!r}")
     choices = registries[argument]

@@ -35,6 +35,8 @@ HESSIAN_METHODS: tuple[HessianMethod, ...] = get_args(HessianMethod)
 class HessianStrategy(Strategy):
     """Computes this process's share of ``H V`` for a :class:`~torchcurv.HessianOperator`."""
 
+    argument = "method"
+
     def local_matmat(self, op: CurvatureOperator, V: torch.Tensor
                      ) -> tuple[torch.Tensor, BatchLosses]:
         """This process's ``(n, m)`` share of ``H V`` in the accumulation dtype, and the

@@ -50,6 +50,8 @@ class ProductState:
 class JvpStrategy(Strategy):
     """``J V`` of one batch, for the operators built on ``Jᵀ C J``."""
 
+    argument = "jvp"
+
     def new_product(self, op: CurvatureOperator) -> ProductState:
         """The state a product starts from."""
         return ProductState()

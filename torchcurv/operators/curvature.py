@@ -121,6 +121,7 @@ class CurvatureOperator(ParameterOperator):
             check_microbatch_size(microbatch_size)
             self.microbatch_size = microbatch_size
             self._check_model_mode(strict=check_deterministic)
+            self._check_precision()
             if microbatch_size is not None:
                 self._check_splittable()
         self._graphs = self._recorder(config.cuda_graphs)
@@ -215,6 +216,26 @@ class CurvatureOperator(ParameterOperator):
                     "with the batching; call model.eval() for the usual curvature",
                     stacklevel=3,
                 )
+
+    def _check_precision(self) -> None:
+        d = self.derivative
+        half = {p.dtype for p in self.params} & {torch.bfloat16, torch.float16}
+        if d is None or not d.perturbs_params or not half:
+            return
+        from torchcurv.derivatives.base import strategy_registries
+
+        argument = d.argument
+        dtype = str(sorted(half, key=str)[0]).removeprefix("torch.")
+        exact = " or ".join(repr(k) for k, c in strategy_registries()[argument].items()
+                            if not c.perturbs_params)
+        warnings.warn(
+            f"{type(self).__name__} with {argument}={d.name!r} on {dtype} "
+            f"parameters: the perturbed parameters are rounded to {dtype} and the product "
+            "is a difference of two rounded results, so its relative error is typically "
+            "of order 1e-1 or worse (benchmarks/product_accuracy.py measures it); use "
+            f"{argument}={exact} for products accurate to the dtype's rounding",
+            RuntimeWarning, stacklevel=5,
+        )
 
     def _pieces(self, batch: Batch) -> list[Batch]:
         """The microbatches of ``batch`` (``[batch]`` without ``microbatch_size``)."""

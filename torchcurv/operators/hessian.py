@@ -46,7 +46,9 @@ class HessianOperator(CurvatureOperator):
               ``h = eps^(1/3) (1 + ||theta||) / ||v||``
               (:func:`~torchcurv.operators.functional.finite_difference_step`); for setups
               where double backward is impossible. Bias is ``O(h^2)``: about 1e-10 relative
-              in float64 and 1e-4 in float32 on well-scaled models. Costs two gradients per
+              in float64 and 1e-4 in float32 on well-scaled models; on bfloat16/float16
+              parameters the rounded perturbation makes it of order 1e-1, and
+              construction warns (``benchmarks/product_accuracy.py``). Costs two gradients per
               vector. The only method for models sharded with FSDP2 (``fully_shard``):
               gradients then come from ``loss.backward()`` through FSDP's own
               reduce-scatter, every rank runs as many passes as the rank with the most
