@@ -9,10 +9,9 @@ eigenvalues; every eigenpair's true residual ``||A v - lambda v|| / |lambda||`` 
 checked after the solve and printed with its verdict.
 
 The products are exact by default: the GGN's JVP in forward mode (``jvp="forward"``)
-and, on CUDA, the Hessian as forward mode over the backward
-(``method="forward_over_reverse"``), both through torchcurv's Triton attention, so the
-``(T, T)`` attention matrix is never stored (on the CPU the Hessian uses double backward:
-torch has no forward-mode rule for SiLU's backward there). ``--no-exact`` uses finite
+and the Hessian as forward mode over the backward (``method="forward_over_reverse"``),
+on CUDA both through torchcurv's Triton attention, so the ``(T, T)`` attention matrix is
+never stored (double backward would need math SDPA's). ``--no-exact`` uses finite
 differences of first-order passes instead (half the time per product), but in bfloat16
 their relative error is of order 1e-1 (``benchmarks/product_accuracy.py``), far above
 the residual check's ``1e-2``; the operators warn about it. The Krylov basis (``ncv``
@@ -79,10 +78,8 @@ def curvature(matrix: str, model, data, exact: bool):
     if matrix == "ggn":
         return torchcurv.GGNOperator(model, objective, data,
                                      jvp="forward" if exact else "finite_difference")
-    on_cuda = next(model.parameters()).is_cuda
-    method = ("forward_over_reverse" if on_cuda else "autograd") if exact \
-        else "finite_difference"
-    return torchcurv.HessianOperator(model, objective, data, method=method)
+    return torchcurv.HessianOperator(
+        model, objective, data, method="forward_over_reverse" if exact else "finite_difference")
 
 
 def main() -> None:
