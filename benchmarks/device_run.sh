@@ -9,6 +9,7 @@
 #   bash benchmarks/device_run.sh solvers    # eigensolver backends, with peers
 #   bash benchmarks/device_run.sh lm         # GPT-2-style LM scale (eager and sdpa)
 #   bash benchmarks/device_run.sh billion    # 1.1B LLaMA: products, top-10, SLQ (~9 min)
+#   bash benchmarks/device_run.sh krylov     # Krylov/attention GPU tests, tiles, 1.1B solve phases
 #
 # The device image has torch, triton, cupy, transformers but not the peers or pytest:
 # carry their wheels in .whl/ (git-ignored); they are installed into /tmp/site here.
@@ -63,6 +64,15 @@ for stage in "$@"; do
                 --out "$OUT/profile_lanczos_$TAG.jsonl" ;;
         lm)
             run lm_scale python3 benchmarks/lm_scale.py --out "$OUT/lm_scale_$TAG.jsonl" ;;
+        krylov)
+            run gpu_krylov_tests python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu \
+                tests/test_lanczos.py tests/test_spectral.py tests/test_flash_attention.py
+            run attention_tiles python3 benchmarks/attention_tiles.py \
+                --out "$OUT/attention_tiles_$TAG.jsonl"
+            run lanczos_phases_ggn timeout 200 python3 benchmarks/lanczos_phases.py \
+                --out "$OUT/lanczos_phases_$TAG.jsonl"
+            run lanczos_phases_hessian timeout 200 python3 benchmarks/lanczos_phases.py \
+                --method hessian/forward_over_reverse --out "$OUT/lanczos_phases_$TAG.jsonl" ;;
         billion)
             run lm_billion timeout 590 python3 benchmarks/lm_billion.py --budget-s 540 \
                 --out "$OUT/lm_billion_$TAG.jsonl" --figures "$OUT" ;;
