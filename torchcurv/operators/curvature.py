@@ -231,8 +231,9 @@ class CurvatureOperator(ParameterOperator):
         warnings.warn(
             f"{type(self).__name__} with {argument}={d.name!r} on {dtype} "
             f"parameters: the perturbed parameters are rounded to {dtype} and the product "
-            "is a difference of two rounded results, so its relative error is typically "
-            "of order 1e-1 or worse (benchmarks/product_accuracy.py measures it); use "
+            "is a difference of two rounded results, so its error can far exceed the "
+            "dtype's rounding, up to order 1 on language models "
+            "(benchmarks/product_accuracy.py measures it); use "
             f"{argument}={exact} for products accurate to the dtype's rounding",
             RuntimeWarning, stacklevel=5,
         )

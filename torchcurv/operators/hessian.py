@@ -47,13 +47,13 @@ class HessianOperator(CurvatureOperator):
               (:func:`~torchcurv.operators.functional.finite_difference_step`); for setups
               where double backward is impossible. Bias is ``O(h^2)``: about 1e-10 relative
               in float64 and 1e-4 in float32 on well-scaled models; on bfloat16/float16
-              parameters the rounded perturbation makes it of order 1e-1, and
-              construction warns (``benchmarks/product_accuracy.py``). Costs two gradients per
-              vector. The only method for models sharded with FSDP2 (``fully_shard``):
-              gradients then come from ``loss.backward()`` through FSDP's own
-              reduce-scatter, every rank runs as many passes as the rank with the most
-              batches (extra passes on the first batch with weight 0), and each rank holds
-              full ``(n,)`` vectors (docs/distributed.md).
+              parameters the rounded perturbation can make it far larger (order 1 on a
+              small LLaMA, ``benchmarks/product_accuracy.py``), and construction warns.
+              Costs two gradients per vector. The only method for models sharded with
+              FSDP2 (``fully_shard``): gradients then come from ``loss.backward()``
+              through FSDP's own reduce-scatter, every rank runs as many passes as the
+              rank with the most batches (extra passes on the first batch with weight 0),
+              and each rank holds full ``(n,)`` vectors (docs/distributed.md).
 
     Example:
         A linear model ``f(x) = w·x + b`` under ``MSELoss`` over ``N`` examples has
