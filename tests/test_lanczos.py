@@ -169,7 +169,12 @@ def test_streamed_basis_in_small_chunks_gives_the_same_eigenpairs(monkeypatch):
     assert torch.allclose(chunked.eigenvalues, whole.eigenvalues, rtol=1e-6)
 
 
-def test_bfloat16_operator_finds_large_eigenvalues_above_a_bulk_it_cannot_resolve():
+@pytest.mark.parametrize("op_dtype, basis_dtype", [(torch.bfloat16, None),
+                                                    (torch.float32, torch.bfloat16)])
+def test_bfloat16_operator_finds_large_eigenvalues_above_a_bulk_it_cannot_resolve(
+        op_dtype, basis_dtype):
+    # also a float32 operator with a bfloat16 basis (host-resident bases at LM scale):
+    # the working precision, and so the noise floor, is then bfloat16's
     # A few eigenvalues far above a bulk that bfloat16 products cannot resolve (their
     # rounding, eps ||A|| ~ 8, exceeds the bulk): the recurrence must keep the genuine
     # directions. A breakdown test of 100 eps ||A|| (78 % of ||A||) discarded most of
@@ -177,8 +182,8 @@ def test_bfloat16_operator_finds_large_eigenvalues_above_a_bulk_it_cannot_resolv
     top = torch.tensor([1000.0, 700.0, 500.0, 300.0, 200.0], dtype=DT)
     ev = torch.cat([top, torch.rand(395, dtype=DT, generator=torch.Generator().manual_seed(0))])
     A = rotated(ev)
-    r = lanczos_eigsh(torchcurv.MatrixOperator(A.to(torch.bfloat16)), k=5, tol=1e-2, seed=0,
-                      maxiter=50)
+    r = lanczos_eigsh(torchcurv.MatrixOperator(A.to(op_dtype)), k=5, tol=1e-2, seed=0,
+                      maxiter=50, basis_dtype=basis_dtype)
     noise = 3 * torch.finfo(torch.bfloat16).eps * 1000
     assert torch.allclose(r.eigenvalues, top.flip(0), rtol=0, atol=noise), r.eigenvalues
     # what is within reach of bfloat16 is reported converged, with true residuals
