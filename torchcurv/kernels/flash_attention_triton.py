@@ -40,7 +40,7 @@ import triton.language as tl
 
 from torchcurv.kernels.triton_env import triton_interpreter_active
 
-MASK_NONE, MASK_ADD = 0, 2
+MASK_NONE, MASK_ADD = 0, 1
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,7 @@ class CurvatureOperator(ParameterOperator):
             f"{type(self).__name__} with {argument}={d.name!r} on {dtype} "
             f"parameters: the perturbed parameters are rounded to {dtype} and the product "
             "is a difference of two rounded results, so its error can far exceed the "
-            "dtype's rounding, up to order 1 on language models "
+            "dtype's rounding (order 1 on a small random LLaMA) "
             "(benchmarks/product_accuracy.py measures it); use "
             f"{argument}={exact} for products accurate to the dtype's rounding",
             RuntimeWarning, stacklevel=5,
