@@ -285,3 +285,17 @@ def test_only_uncompiled_forward_mode_products_may_use_the_kernel(argument, name
 
     with strategy_for(argument, name, compile=compile).attention():
         assert _thread_orders() == [order]
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 64, 80, 96, 128])
+def test_the_scale_reaches_float64_kernels_to_float64_precision(head_dim):
+    # Triton passes Python floats as float32: the kernels get the scale as two float32
+    # parts. The interpreter (CPU tests) keeps Python floats, so only the GPU test above
+    # would see a scale rounded to float32; this pins the parts themselves.
+    from torchcurv.kernels.flash_attention_triton import _scale_parts
+
+    scale = head_dim ** -0.5
+    hi, lo = _scale_parts(scale)
+    for part in (hi, lo):
+        assert float(torch.tensor(part, dtype=torch.float32)) == part
+    assert abs((hi + lo) - scale) <= 2.0 ** -46 * scale

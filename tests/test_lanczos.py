@@ -152,21 +152,52 @@ def test_float32_basis_for_float64_operator_reaches_float32_accuracy():
     assert torch.allclose(r.eigenvalues, wanted(ev, 5, "LA"), rtol=1e-6, atol=0)
 
 
-def test_streamed_basis_in_small_chunks_gives_the_same_eigenpairs(monkeypatch):
-    # A host-resident or other-dtype basis is streamed to the operator's device in chunks;
-    # force one basis vector per chunk (the n ~ 1e9 regime) and compare.
+def test_streamed_basis_in_small_pieces_gives_the_same_eigenpairs(monkeypatch):
+    # A host-resident or other-dtype basis is streamed to the operator's device in column
+    # pieces; force pieces a few coordinates wide (the n ~ 1e9 regime, where one row is
+    # gigabytes) and compare.
     ev = indefinite_spectrum(120)
     op = torchcurv.MatrixOperator(rotated(ev))
     whole = lanczos_eigsh(op, k=3, tol=1e-5, seed=0, basis_dtype=torch.float32)
-    pieces = []
-    rows = krylov.KrylovBasis.rows
-    monkeypatch.setattr(krylov, "CHUNK_BYTES", 120 * 8)
-    monkeypatch.setattr(krylov.KrylovBasis, "rows", lambda self, a, b: pieces.append(b - a)
-                        or rows(self, a, b))
+    widths = []
+    pieces = krylov.KrylovBasis.column_pieces
+
+    def spy(self, count, always=False):
+        for columns, Q in pieces(self, count, always):
+            widths.append(columns.stop - columns.start)
+            yield columns, Q
+    monkeypatch.setattr(krylov, "CHUNK_BYTES", 20 * 8 * 7)
+    monkeypatch.setattr(krylov.KrylovBasis, "column_pieces", spy)
     chunked = lanczos_eigsh(op, k=3, tol=1e-5, seed=0, basis_dtype=torch.float32)
-    assert max(pieces) == 1
+    assert min(widths) <= 7  # a full basis of 20 rows: 7 coordinates a piece
     assert chunked.all_converged
     assert torch.allclose(chunked.eigenvalues, whole.eigenvalues, rtol=1e-6)
+    assert torch.allclose(chunked.eigenvectors.abs(), whole.eigenvectors.abs(), atol=1e-5)
+
+
+def test_gram_schmidt_over_column_pieces_is_classical_gram_schmidt_twice(monkeypatch):
+    # The three sweeps over pieces give the same W as CGS2 on whole rows, for a streamed
+    # basis cut into uneven pieces and for one that is not streamed.
+    op = torchcurv.MatrixOperator(rotated(indefinite_spectrum(50)))
+    g = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(50, 6, dtype=DT, generator=g))[0].T[None]
+    W = torch.randn(1, 2, 50, dtype=DT, generator=g) + 1e3 * Q[:, :2]
+    want = W.clone()
+    for _ in range(2):
+        want = want - (want @ Q.transpose(1, 2)) @ Q
+    monkeypatch.setattr(krylov, "CHUNK_BYTES", 6 * 8 * 7)  # 7-wide pieces: 50 = 7 * 7 + 1
+    for basis_dtype in (torch.float64, torch.float32):
+        kb = krylov.KrylovBasis(op, 1, 8, basis_dtype=basis_dtype,
+                                generator=torch.Generator().manual_seed(0))
+        kb.set_rows(0, Q)
+        stored = kb.rows(0, 6)
+        expected = want if basis_dtype == torch.float64 else W.clone()
+        if basis_dtype != torch.float64:
+            for _ in range(2):
+                expected = expected - (expected @ stored.transpose(1, 2)) @ stored
+        got = kb.orthogonalize(W.clone(), 6)
+        assert torch.allclose(got, expected, rtol=0, atol=1e-10), basis_dtype
+        assert float((got @ stored.transpose(1, 2)).abs().max()) < 1e-10
 
 
 @pytest.mark.parametrize("op_dtype, basis_dtype", [(torch.bfloat16, None),

@@ -15,8 +15,12 @@ CuPy's ``(ncv, n)``) of ``basis_dtype`` on ``basis_device``; that is the peak me
 device. Arithmetic runs on the operator's device in ``compute_dtype`` = the wider of the
 operator's and the basis' dtypes, at least float64 for float32 operators and float32
 for half-precision ones (:func:`_arithmetic_floor`). When the basis lives elsewhere or in
-another dtype, it is streamed to the operator's device in chunks of at most
-``CHUNK_BYTES``, so a host-resident basis never needs device memory of its own size.
+another dtype, it is streamed to the operator's device in column pieces (all stored
+rows, a slice of the ``n`` coordinates) of at most ``CHUNK_BYTES``, so a host-resident
+basis never needs device memory of its own size. Column pieces rather than whole rows:
+at ``n ~ 1e9`` a single row in compute dtype is gigabytes, and converting the basis row
+by row (each a gigabyte-sized copy, projection and update) made Gram-Schmidt several
+times slower than the products it serves.
 ``T`` is float64 on the CPU (it is tiny).
 
 Breakdown: when a new direction has (numerically) no component outside the basis, an
@@ -32,7 +36,7 @@ import torch
 
 from torchcurv.operators.memory import basis_device as choose_basis_device
 
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 2**30
 """Largest piece of a streamed basis (host-resident or other-dtype) on the device at once."""
 
 SEGMENT = 2**16
@@ -145,8 +149,6 @@ class KrylovBasis:
         self.generator = generator
         self.anorm = 0.0  # running lower bound on ||A||, scales the breakdown test
         self._streamed = basis_dtype != self.compute_dtype or basis_device != self.device
-        itemsize = torch.finfo(self.compute_dtype).bits // 8
-        self._rows_per_chunk = max(1, CHUNK_BYTES // (b * self.n * itemsize))
 
     # -- moving the basis to where the arithmetic happens ----------------------------
     @property
@@ -157,10 +159,20 @@ class KrylovBasis:
         """Basis rows ``[start, stop)`` as ``(b, stop - start, n)`` compute-dtype tensor."""
         return self.basis[:, start:stop].to(self.device, self.compute_dtype)
 
-    def _row_chunks(self, count: int):
-        step = self._rows_per_chunk if self._streamed else max(count, 1)
-        for start in range(0, count, step):
-            yield start, self.rows(start, min(start + step, count))
+    def column_pieces(self, count: int, always: bool = False):
+        """``(columns, Q)`` over the coordinates: ``Q`` is rows ``[0, count)`` restricted to
+        the slice ``columns``, ``(b, count, width)`` in compute dtype on the operator's
+        device, at most ``CHUNK_BYTES`` each. A basis that is not streamed comes as one
+        piece, the stored rows themselves (no copy), unless ``always`` (callers that
+        build a result of the basis' size piece by piece)."""
+        if not (self._streamed or always):
+            yield slice(0, self.n), self.basis[:, :count]
+            return
+        itemsize = torch.finfo(self.compute_dtype).bits // 8
+        width = max(1, CHUNK_BYTES // (self.b * max(count, 1) * itemsize))
+        for start in range(0, self.n, width):
+            columns = slice(start, min(start + width, self.n))
+            yield columns, self.basis[:, :count, columns].to(self.device, self.compute_dtype)
 
     def set_rows(self, start: int, block: torch.Tensor) -> None:
         self.basis[:, start:start + block.shape[1]] = block.to(self.basis.device,
@@ -177,14 +189,26 @@ class KrylovBasis:
         return Y
 
     def orthogonalize(self, W: torch.Tensor, count: int) -> torch.Tensor:
-        """``W`` (``(b, p, n)``) minus its components along basis rows ``[0, count)``.
+        """``W`` (``(b, p, n)``) minus its components along basis rows ``[0, count)``, in
+        place (``W`` is returned).
 
-        Classical Gram-Schmidt, twice; a streamed basis is processed chunk by chunk
-        (block modified Gram-Schmidt between chunks, at least as stable).
+        Classical Gram-Schmidt, twice (CGS2). Over column pieces that is three sweeps,
+        the update of the first pass and the projection of the second sharing one: each
+        piece of the basis is read three times per direction, and no temporary of the
+        basis' or ``W``'s size is made.
         """
-        for _ in range(2):
-            for _, Q in self._row_chunks(count):
-                W = W - inner_products(W, Q) @ Q
+        if count == 0:
+            return W
+        coefficients = torch.zeros(self.b, W.shape[1], count, dtype=W.dtype, device=W.device)
+        for columns, Q in self.column_pieces(count):
+            coefficients += inner_products(W[..., columns], Q)
+        again = torch.zeros_like(coefficients)
+        for columns, Q in self.column_pieces(count):
+            piece = W[..., columns]
+            piece.baddbmm_(coefficients, Q, alpha=-1)
+            again += inner_products(piece, Q)
+        for columns, Q in self.column_pieces(count):
+            W[..., columns].baddbmm_(again, Q, alpha=-1)
         return W
 
     def step(self, pos: int, p: int) -> torch.Tensor:
@@ -294,14 +318,20 @@ class KrylovBasis:
             pos += p
 
     # -- combining basis vectors -----------------------------------------------------
-    def combine(self, Y: torch.Tensor, count: int) -> torch.Tensor:
+    def combine(self, Y: torch.Tensor, count: int,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         """``Y^T Q`` for coefficients ``Y`` (``(b, count, r)``): ``(b, r, n)`` on the
-        operator's device in compute dtype (Ritz vectors)."""
-        Y = Y.to(self.device, self.compute_dtype)
-        out = torch.zeros(self.b, Y.shape[2], self.n, dtype=self.compute_dtype,
-                          device=self.device)
-        for start, Q in self._row_chunks(count):
-            out += Y[:, start:start + Q.shape[1]].transpose(1, 2) @ Q
+        operator's device in ``dtype`` (default: compute dtype), the Ritz vectors.
+
+        Built piece by piece straight into the result, so the only large allocation is
+        the result itself (at ``n ~ 1e9`` and ``r = 10`` a compute-dtype intermediate
+        would be tens of gigabytes beside the basis).
+        """
+        Yt = Y.transpose(1, 2).to(self.device, self.compute_dtype)
+        out = torch.empty(self.b, Y.shape[2], self.n, device=self.device,
+                          dtype=self.compute_dtype if dtype is None else dtype)
+        for columns, Q in self.column_pieces(count, always=True):
+            out[..., columns] = Yt @ Q
         return out
 
     def replace_leading(self, Y: torch.Tensor, count: int) -> None:
@@ -311,9 +341,5 @@ class KrylovBasis:
         """
         r = Y.shape[2]
         Yt = Y.transpose(1, 2).to(self.device, self.compute_dtype)
-        itemsize = torch.finfo(self.compute_dtype).bits // 8
-        cols = max(1, CHUNK_BYTES // (self.b * count * itemsize))
-        for start in range(0, self.n, cols):
-            piece = self.basis[:, :count, start:start + cols].to(self.device, self.compute_dtype)
-            self.basis[:, :r, start:start + cols] = (Yt @ piece).to(self.basis.device,
-                                                                     self.basis.dtype)
+        for columns, Q in self.column_pieces(count, always=True):
+            self.basis[:, :r, columns] = (Yt @ Q).to(self.basis.device, self.basis.dtype)

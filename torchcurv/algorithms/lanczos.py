@@ -196,8 +196,11 @@ def thick_restart_lanczos(
     kb = KrylovBasis(op, 1, m, basis_dtype=basis_dtype, basis_device=basis_device,
                      generator=generator)
     tol = check_tol(tol, kb.working_dtype)
-    arguments = solve_arguments(op, backend=backend, k=k, which=which, tol=tol, ncv=m,
-                                block_size=p, basis_dtype=kb.basis.dtype, start=start)
+    # Only a checkpointed solve names its arguments: the start vector's digest reads all
+    # of it on the host (seconds at n ~ 1e9).
+    arguments = {} if path is None else solve_arguments(
+        op, backend=backend, k=k, which=which, tol=tol, ncv=m, block_size=p,
+        basis_dtype=kb.basis.dtype, start=start)
     state = None if path is None else load_checkpoint(path, arguments)
     restarts, kept, failed_checks, check_matvecs, resumed = 0, 0, 0, 0, 0
     history: tuple[list[int], list[tuple[float, ...]]] = ([], [])
@@ -358,4 +361,4 @@ def _restart(kb: KrylovBasis, F: torch.Tensor, theta: torch.Tensor, S: torch.Ten
 
 def _ritz_vectors(kb: KrylovBasis, Y: torch.Tensor, size: int, op) -> torch.Tensor:
     """``(n, r)`` Ritz vectors ``Q Y`` on the operator's device and dtype."""
-    return kb.combine(Y[None], size)[0].T.to(op.dtype)
+    return kb.combine(Y[None], size, op.dtype)[0].T

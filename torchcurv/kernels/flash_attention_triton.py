@@ -78,6 +78,21 @@ def backward_jvp_config(head_dim: int, itemsize: int) -> TileConfig:
 
 
 @triton.jit
+def _full_scale(hi, lo, ACC: tl.constexpr):
+    """The score scale in ``ACC`` from its float32 parts (:func:`_scale_parts`)."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+def _scale_parts(scale: float) -> tuple[float, float]:
+    """``scale`` as float32 high and low parts whose float64 sum is ``scale`` to about
+    48 bits. Why: Triton passes a Python float as a float32 argument, so the float64
+    kernels were only as exact as float32 whenever the scale (``1 / sqrt(D)``) is not a
+    float32 number (head dimension 8; the float64 GPU test caught it)."""
+    hi = float(torch.tensor(scale, dtype=torch.float32))
+    return hi, float(torch.tensor(scale - hi, dtype=torch.float32))
+
+
+@triton.jit
 def _program_heads(H, GROUP):
     """``(z, h, hk)`` of this program: batch (int64, so that offsets cannot overflow),
     query head and the key/value head it reads."""
@@ -129,11 +144,12 @@ def _fwd_kernel(
     Q, K, V, Mask, O, L,
     sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd,
     smz, smh, smm, smn, soz, soh, som, sod, slz, slh, slm,
-    H, GROUP, Tq, Tk, D, DV, BMASK, scale,
+    H, GROUP, Tq, Tk, D, DV, BMASK, scale_hi, scale_lo,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
+    scale = _full_scale(scale_hi, scale_lo, ACC)
     pid_m = tl.program_id(0)
     z, h, hk = _program_heads(H, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -176,11 +192,12 @@ def _bwd_dkdv_kernel(
     sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd,
     smz, smh, smm, smn, slz, slh, slm, sdoz, sdoh, sdom, sdod, sdez, sdeh, sdem,
     sdkz, sdkh, sdkn, sdkd, sdvz, sdvh, sdvn, sdvd,
-    H, GROUP, Tq, Tk, D, DV, BP, BMASK, scale,
+    H, GROUP, Tq, Tk, D, DV, BP, BMASK, scale_hi, scale_lo,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
+    scale = _full_scale(scale_hi, scale_lo, ACC)
     pid_n = tl.program_id(0)
     z, h, hk = _program_heads(H, GROUP)
     zp = z % BP
@@ -222,11 +239,12 @@ def _bwd_dq_kernel(
     sqz, sqh, sqm, sqd, skz, skh, skn, skd, svz, svh, svn, svd,
     smz, smh, smm, smn, slz, slh, slm, sdoz, sdoh, sdom, sdod, sdez, sdeh, sdem,
     sdqz, sdqh, sdqm, sdqd,
-    H, GROUP, Tq, Tk, D, DV, BP, BMASK, scale,
+    H, GROUP, Tq, Tk, D, DV, BP, BMASK, scale_hi, scale_lo,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
+    scale = _full_scale(scale_hi, scale_lo, ACC)
     pid_m = tl.program_id(0)
     z, h, hk = _program_heads(H, GROUP)
     zp = z % BP
@@ -265,12 +283,13 @@ def _jvp_kernel(
     smz, smh, smm, smn, soz, soh, som, sod, slz, slh, slm,
     stqz, stqh, stqm, stqd, stkz, stkh, stkn, stkd, stvz, stvh, stvn, stvd,
     stoz, stoh, stom, stod, stlz, stlh, stlm,
-    H, GROUP, Tq, Tk, D, DV, BP, BMASK, scale,
+    H, GROUP, Tq, Tk, D, DV, BP, BMASK, scale_hi, scale_lo,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_TQ: tl.constexpr,
     HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
+    scale = _full_scale(scale_hi, scale_lo, ACC)
     pid_m = tl.program_id(0)
     z, h, hk = _program_heads(H, GROUP)
     zp = z % BP
@@ -342,11 +361,12 @@ def _bwd_jvp_dkdv_kernel(
     stqz, stqh, stqm, stqd, stkz, stkh, stkn, stkd, stvz, stvh, stvn, stvd,
     stlz, stlh, stlm, stdoz, stdoh, stdom, stdod, stdez, stdeh, stdem,
     sdkz, sdkh, sdkn, sdkd, sdvz, sdvh, sdvn, sdvd,
-    H, GROUP, Tq, Tk, D, DV, BP, BG, BMASK, scale,
+    H, GROUP, Tq, Tk, D, DV, BP, BG, BMASK, scale_hi, scale_lo,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
+    scale = _full_scale(scale_hi, scale_lo, ACC)
     # Tangents of dK = scale dSᵀ Q and dV = Pᵀ dO for one key tile, over query tiles.
     pid_n = tl.program_id(0)
     z, h, hk = _program_heads(H, GROUP)
@@ -396,11 +416,12 @@ def _bwd_jvp_dq_kernel(
     stqz, stqh, stqm, stqd, stkz, stkh, stkn, stkd, stvz, stvh, stvn, stvd,
     stlz, stlh, stlm, stdoz, stdoh, stdom, stdod, stdez, stdeh, stdem,
     sdqz, sdqh, sdqm, sdqd,
-    H, GROUP, Tq, Tk, D, DV, BP, BG, BMASK, scale,
+    H, GROUP, Tq, Tk, D, DV, BP, BG, BMASK, scale_hi, scale_lo,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
+    scale = _full_scale(scale_hi, scale_lo, ACC)
     # Tangent of dQ = scale dS K for one query tile, over key tiles.
     pid_m = tl.program_id(0)
     z, h, hk = _program_heads(H, GROUP)
@@ -486,7 +507,7 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float,
     grid = (triton.cdiv(tq, config.block_m), z * heads)
     _fwd_kernel[grid](
         q, k, v, m, o, lse, *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(),
-        *lse.stride(), heads, group, tq, tk, d, dv, bmask, scale,
+        *lse.stride(), heads, group, tq, tk, d, dv, bmask, *_scale_parts(scale),
         IS_CAUSAL=is_causal, MASK_KIND=kind, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_D=_p2(d), BLOCK_DV=_p2(dv), ACC=_acc(q.dtype),
         PREC=_prec(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
@@ -516,7 +537,7 @@ def _key_and_query_passes(dkdv_kernel, dq_kernel, q, k, v, mask, z: int, rows: t
     inputs = (q, k, v, m, *rows)
     strides = (*q.stride(), *k.stride(), *v.stride(), *ms,
                *(x for t in rows for x in t.stride()))
-    sizes = (heads, group, tq, tk, d, dv_dim, *batches, bmask, scale)
+    sizes = (heads, group, tq, tk, d, dv_dim, *batches, bmask, *_scale_parts(scale))
     dkdv_kernel[(triton.cdiv(tk, config.block_n), z * heads)](
         *inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), *sizes, **common)
     dq_kernel[(triton.cdiv(tq, config.block_m), z * heads)](
@@ -559,7 +580,7 @@ def attention_jvp(q, k, v, mask, o, lse, tq_, tk_, tv_, is_causal: bool, scale: 
         q, k, v, m, o, lse, a, b, c, out, lse_dot,
         *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(), *lse.stride(),
         *sa, *sb, *sc, *out.stride(), *lse_dot.stride(),
-        heads, group, tq, tk, d, dv, bp, bmask, scale,
+        heads, group, tq, tk, d, dv, bp, bmask, *_scale_parts(scale),
         IS_CAUSAL=is_causal, MASK_KIND=kind, HAS_TQ=tq_ is not None,
         HAS_TK=tk_ is not None, HAS_TV=tv_ is not None, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_D=_p2(d), BLOCK_DV=_p2(dv), ACC=_acc(q.dtype),
