@@ -364,13 +364,13 @@ def lanczos_plan(n: int, k: int, ncv: int, product_s: float, row_s: float,
 
     A cycle adds ``ncv - kept`` vectors (``kept`` Ritz vectors are kept at each restart,
     as :func:`torchcurv.algorithms.lanczos._keep_count` says), every step costs one
-    product and two Gram-Schmidt passes over about ``ncv`` stored vectors (each pass
-    reads a vector for two matrix products after converting it: ~3 row times), and each
+    product and a Gram-Schmidt of three sweeps over about ``ncv`` stored vectors (each
+    sweep converts every stored vector, piece by piece: ~1 row time), and each
     residual check multiplies ``k`` vectors. ``maxiter`` is the number of restarts that
     fit, at least 1 and at most ``cap``.
     """
     new = ncv - _keep_count(k, 1, ncv, ncv)
-    step_s = product_s + 6 * ncv * row_s
+    step_s = product_s + 3 * ncv * row_s
     first_s = ncv * step_s + k * product_s
     maxiter = int(max(1, min(cap, (budget_s - first_s) // max(new * step_s, 1e-9))))
     products = ncv + maxiter * new + k

@@ -329,3 +329,20 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, match):
 def test_tensor_instead_of_operator_is_refused():
     with pytest.raises(TypeError, match="MatrixOperator"):
         lanczos_eigsh(torch.eye(5), k=1)
+
+
+def test_large_start_blocks_are_drawn_in_pieces_independent_of_the_core_count(monkeypatch):
+    # Above 4 pieces the start is drawn piece by piece on all cores (one generator at
+    # n ~ 1e9 takes tens of seconds); the result must depend on the seed alone.
+    from torchcurv.algorithms import result
+
+    monkeypatch.setattr(result, "DRAW_PIECE", 16)
+    draws = []
+    for cores in (1, 3):
+        monkeypatch.setattr(result.os, "cpu_count", lambda cores=cores: cores)
+        draws.append(result.start_block(50, 2, DT, torch.device("cpu"), seed=5))
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(result.start_block(50, 2, DT, torch.device("cpu"), seed=6), draws[0])
+    flat = draws[0].flatten()
+    assert not torch.equal(flat[:16], flat[16:32])  # each piece its own stream
+    assert abs(float(flat.mean())) < 0.5 and 0.5 < float(flat.std()) < 1.5
