@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import time
 from pathlib import Path
@@ -434,7 +435,8 @@ def run_solve(rows: Rows, what: str, op, k: int, tol: float, plan: dict, basis_d
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     solve_row(rows, what, op, res, {**(setting or {}), "ncv": plan["ncv"],
                                     "maxiter": plan["maxiter"]}, peak)
-    return res
+    # the eigenvectors (k model-sized vectors) would crowd the next solve's device memory
+    return dataclasses.replace(res, eigenvectors=None)
 
 
 # -- item 3 ------------------------------------------------------------------------------

@@ -346,3 +346,28 @@ def test_large_start_blocks_are_drawn_in_pieces_independent_of_the_core_count(mo
     flat = draws[0].flatten()
     assert not torch.equal(flat[:16], flat[16:32])  # each piece its own stream
     assert abs(float(flat.mean())) < 0.5 and 0.5 < float(flat.std()) < 1.5
+
+
+def test_residual_norms_in_column_groups_and_float64_pieces_match_the_explicit_ones(
+        monkeypatch):
+    # At n ~ 1e9 the residual check goes column group by group and sums norms in pieces
+    # (a float64 copy of k columns, or all k products at once, did not fit on an H200).
+    from torchcurv.algorithms import result
+
+    A = rotated(indefinite_spectrum(40))
+    op = torchcurv.MatrixOperator(A)
+    V = torch.randn(40, 5, dtype=DT, generator=torch.Generator().manual_seed(2))
+    lam = torch.linspace(-1, 1, 5, dtype=DT)
+    want = torch.linalg.vector_norm(A @ V - V * lam, dim=0)
+    calls = []
+    matmat = op.matmat
+    monkeypatch.setattr(op, "matmat", lambda X: calls.append(X.shape[1]) or matmat(X))
+    monkeypatch.setattr(result, "RESIDUAL_GROUP_BYTES", 2 * 40 * 8)
+    got = result.residual_norms(op, lam, V)
+    assert calls == [2, 2, 1]
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    X = torch.randn(3, 37, dtype=torch.float32)
+    assert torch.allclose(result.norms64(X, dim=1, piece_bytes=3 * 8 * 5),
+                          torch.linalg.vector_norm(X.double(), dim=1), rtol=1e-12)
+    assert torch.allclose(result.norms64(X.T, dim=0, piece_bytes=8),
+                          torch.linalg.vector_norm(X.double(), dim=1), rtol=1e-12)

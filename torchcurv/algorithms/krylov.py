@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from torchcurv.algorithms.result import norms64
 from torchcurv.operators.memory import basis_device as choose_basis_device
 
 CHUNK_BYTES = 2**30
@@ -184,8 +185,7 @@ class KrylovBasis:
         b, p, n = X.shape
         Y = self.op.matmat(X.reshape(b * p, n).T.to(self.op.dtype))
         Y = Y.T.reshape(b, p, n).to(self.compute_dtype)
-        self.anorm = max(self.anorm, float(torch.linalg.vector_norm(
-            Y, dim=-1, dtype=torch.float64).max()))
+        self.anorm = max(self.anorm, float(norms64(Y).max()))
         return Y
 
     def orthogonalize(self, W: torch.Tensor, count: int) -> torch.Tensor:
@@ -278,7 +278,7 @@ class KrylovBasis:
                     c = inner_products(v[None], Q[i, :j])[0]
                     v = v - c @ Q[i, :j]
                     R[i, :j, j] += c.double().cpu()
-                r = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+                r = float(norms64(v))
                 if r <= threshold:
                     R[i, j, j] = 0.0
                     Q[i, j] = self._random_orthogonal(i, count, Q[i, :j])

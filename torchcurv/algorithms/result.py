@@ -194,20 +194,53 @@ class EigshResult:
         )
 
 
+RESIDUAL_GROUP_BYTES = 2**30
+"""Largest product output :func:`residual_norms` holds at once."""
+
+
 def residual_norms(
     op, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor
 ) -> torch.Tensor:
-    """``||A v_i - lambda_i v_i||_2`` for each column, with one ``matmat``.
+    """``||A v_i - lambda_i v_i||_2`` for each column.
 
-    The product is not counted in ``op.num_matvecs`` (it checks the answer, it is not
-    part of the solve). Returns ``(k,)`` float64 on the CPU.
+    One ``matmat`` for all columns when their products take at most
+    :data:`RESIDUAL_GROUP_BYTES`, else one per group of columns that does: at ``n ~ 1e9``
+    the products of ``k`` Ritz vectors are gigabytes each, and holding them all beside the
+    Krylov basis, the vectors and one product's own memory did not fit on the device.
+    The products are not counted in ``op.num_matvecs`` (they check the answer, they are
+    not part of the solve). Returns ``(k,)`` float64 on the CPU.
     """
     V = eigenvectors.to(op.dtype)
-    lam = eigenvalues.to(device=V.device, dtype=V.dtype)
+    lam = eigenvalues.to(torch.float64).cpu().tolist()
+    n, k = V.shape
+    group = max(1, min(k, RESIDUAL_GROUP_BYTES // max(1, n * V.element_size())))
+    norms = []
     with op.uncounted():
-        R = op.matmat(V) - V * lam
-    # float64 inside the reduction: a float64 copy of R would be k times the model's size
-    return torch.linalg.vector_norm(R, dim=0, dtype=torch.float64).cpu()
+        for start in range(0, k, group):
+            AV = op.matmat(V[:, start:start + group])
+            # column by column, out of place: one column's temporary, and no write into
+            # what an operator may have returned (an identity returns its input)
+            norms += [norms64(torch.sub(AV[:, j], V[:, start + j], alpha=lam[start + j]))
+                      for j in range(AV.shape[1])]
+            del AV
+    return torch.stack(norms).cpu()
+
+
+def norms64(X: torch.Tensor, dim: int = -1, piece_bytes: int = 2**28) -> torch.Tensor:
+    """2-norms of ``X`` along ``dim``, summed in float64 piece by piece, on ``X``'s device.
+
+    Why pieces: ``vector_norm(X, dtype=torch.float64)`` casts all of ``X`` first, and at
+    ``n ~ 1e9`` that copy of ``k`` columns is ``8 k n`` bytes (it ran the device out of
+    memory); pieces of ``piece_bytes`` cost only that much.
+    """
+    X = X.movedim(dim, -1)
+    n = X.shape[-1]
+    lanes = max(1, X[..., :1].numel())
+    width = max(1, piece_bytes // (8 * lanes))
+    total = torch.zeros(X.shape[:-1], dtype=torch.float64, device=X.device)
+    for start in range(0, n, width):
+        total += X[..., start:start + width].to(torch.float64).square().sum(-1)
+    return total.sqrt()
 
 
 def converged_mask(

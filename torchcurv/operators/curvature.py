@@ -533,15 +533,18 @@ class CurvatureOperator(ParameterOperator):
         same product). The ranks agree on every sub-block size (the smallest), so their
         collectives pair.
         """
-        outs: list[torch.Tensor] = []
+        # The sub-blocks are written into one result: a list joined at the end held the
+        # result twice (at n ~ 1e9 and ten vectors, tens of gigabytes more).
+        out = torch.empty(V.shape[0], V.shape[1], dtype=self.dtype, device=self.device)
+        if self._config.max_memory == "auto":  # the free memory, now the result is held
+            budget = budget_bytes("auto", self.device) or budget
         # distributed, a failure between sub-blocks (anything, KeyboardInterrupt too) is
         # posted to the others' next checkpoint (agree_min's or a product's)
         with self._stage(self.device):
-            self._budgeted_columns(V, budget, outs)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            self._budgeted_columns(V, budget, out)
+        return out
 
-    def _budgeted_columns(self, V: torch.Tensor, budget: int, outs: list[torch.Tensor]
-                          ) -> None:
+    def _budgeted_columns(self, V: torch.Tensor, budget: int, out: torch.Tensor) -> None:
         m, j = V.shape[1], 0
         while j < m:
             rest, points = m - j, self._memory_points
@@ -555,8 +558,8 @@ class CurvatureOperator(ParameterOperator):
             size = self.sharding.agree_min(min(size, self._largest_block), self.device)
             block = V[:, j:j + size]
             try:
-                outs.append(self._measured_product(block) if learning
-                            else self._product(block))
+                out[:, j:j + size] = (self._measured_product(block) if learning
+                                      else self._product(block))
             except torch.OutOfMemoryError:
                 if size == 1 or self.distributed:
                     raise
