@@ -431,12 +431,15 @@ def run_solve(rows: Rows, what: str, op, k: int, tol: float, plan: dict, basis_d
     res = torchcurv.eigsh(op, k=k, which="LA", backend="lanczos", tol=tol, seed=0,
                           ncv=plan["ncv"], maxiter=plan["maxiter"],
                           basis_device=op.device if basis_device == "device" else basis_device,
-                          basis_dtype=basis_dtype)
+                          basis_dtype=basis_dtype,
+                          # the true residuals still come back, checked one vector at a
+                          # time: k model-sized vectors beside the basis and a product
+                          # did not fit for the 1.1B Hessian
+                          return_eigenvectors=False)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     solve_row(rows, what, op, res, {**(setting or {}), "ncv": plan["ncv"],
                                     "maxiter": plan["maxiter"]}, peak)
-    # the eigenvectors (k model-sized vectors) would crowd the next solve's device memory
-    return dataclasses.replace(res, eigenvectors=None)
+    return res
 
 
 # -- item 3 ------------------------------------------------------------------------------

@@ -131,7 +131,9 @@ def eigsh(
         seed: seed of the random start vector(s); the same seed gives the same run.
             ``None`` means 0 for every backend, so the start is the same on every rank
             of a distributed operator without any communication.
-        return_eigenvectors: ``False`` returns eigenvalues only (residuals NaN).
+        return_eigenvectors: ``False`` returns eigenvalues only; residuals NaN except for
+            the torch Lanczos backends (``lanczos``, ``block``), whose convergence check
+            computes the true residuals anyway, one vector at a time.
         sigma: shift-invert: the eigenvalues nearest ``sigma`` (``which='LM'``), through
             inner MINRES solves of ``A - sigma I``; ``which`` then refers to
             ``1 / (lambda - sigma)`` as in scipy's sigma mode; backends arpack, lanczos,

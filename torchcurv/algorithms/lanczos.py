@@ -109,7 +109,9 @@ def lanczos_eigsh(
         maxiter: maximum number of restarts (default ``10 n``, as scipy's ARPACK).
         seed: seeds the start vector (and breakdown replacements); the same seed gives
             the same result on the same device.
-        return_eigenvectors: also return the ``(n, k)`` eigenvectors.
+        return_eigenvectors: also return the ``(n, k)`` eigenvectors. Without them the
+            true residuals are still returned (the convergence check computes them, one
+            Ritz vector at a time, so the ``k`` vectors never need memory at once).
         ncv: basis size, ``k + 1 <= ncv <= n``; default ``min(n, max(2k + 1, 20))``.
         v0: start vector ``(n,)`` (overrides ``seed`` for the start).
         basis_dtype: dtype in which the ``ncv x n`` basis is stored (default: the
@@ -241,8 +243,8 @@ def thick_restart_lanczos(
                 bar.set_postfix(restarts=restarts, matvecs=spent())
             if bool(meets.all()):
                 values = theta[ascending]
-                vectors = _ritz_vectors(kb, S[:, ascending], size, op)
-                residuals = residual_norms(op, values, vectors)
+                vectors, residuals = _checked(kb, S[:, ascending], size, op, values,
+                                              return_eigenvectors)
                 check_matvecs += k
                 checked = (values, vectors, residuals)
                 if bool(converged_mask(values, residuals, tol).all()):
@@ -270,8 +272,8 @@ def thick_restart_lanczos(
 
     if checked is None or stop_reason == "maxiter":
         values = theta[ascending]
-        vectors = _ritz_vectors(kb, S[:, ascending], size, op)
-        residuals = residual_norms(op, values, vectors)
+        vectors, residuals = _checked(kb, S[:, ascending], size, op, values,
+                                      return_eigenvectors)
         check_matvecs += k
     else:
         values, vectors, residuals = checked
@@ -282,9 +284,8 @@ def thick_restart_lanczos(
     wall_time = synchronized_clock(op.device) - begin
     return EigshResult(
         eigenvalues=values.clone(),
-        eigenvectors=vectors if return_eigenvectors else None,
-        residuals=residuals if return_eigenvectors else torch.full((k,), float("nan"),
-                                                                   dtype=torch.float64),
+        eigenvectors=vectors,
+        residuals=residuals,
         converged=converged,
         num_matvecs=num_matvecs,
         wall_time=wall_time,
@@ -362,3 +363,19 @@ def _restart(kb: KrylovBasis, F: torch.Tensor, theta: torch.Tensor, S: torch.Ten
 def _ritz_vectors(kb: KrylovBasis, Y: torch.Tensor, size: int, op) -> torch.Tensor:
     """``(n, r)`` Ritz vectors ``Q Y`` on the operator's device and dtype."""
     return kb.combine(Y[None], size, op.dtype)[0].T
+
+
+def _checked(kb: KrylovBasis, Y: torch.Tensor, size: int, op, values: torch.Tensor,
+             keep_vectors: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The Ritz vectors (``None`` unless ``keep_vectors``) and their true residuals.
+
+    Without the vectors, they are formed and checked one at a time: at ``n ~ 1e9`` the
+    ``k`` vectors beside the basis and one product's memory did not fit on the device
+    (the 1.1B Hessian on an H200), while one vector does; the residuals are reported
+    either way, since the check computes them."""
+    if keep_vectors:
+        vectors = _ritz_vectors(kb, Y, size, op)
+        return vectors, residual_norms(op, values, vectors)
+    return None, torch.cat([residual_norms(op, values[j:j + 1],
+                                           _ritz_vectors(kb, Y[:, j:j + 1], size, op))
+                            for j in range(Y.shape[1])])
