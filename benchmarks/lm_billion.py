@@ -533,7 +533,9 @@ def billion(args, device: torch.device, deadline: float) -> None:
                   peak_ratio_to_train_step=ratio(peak, rows.train_peak),
                   node_range=[float(d.nodes.min()), float(d.nodes.max())],
                   trace_over_n=mean, trace_over_n_stderr=err, sigma=d.sigma,
-                  figure=str(figure))
+                  figure=str(figure),
+                  # the quadrature rules themselves, so the picture can be redrawn
+                  nodes=d.nodes.tolist(), weights=d.weights.tolist())
 
     if "slq" in plans and time.perf_counter() < deadline:
         rows.guard("torchcurv", "hessian/slq_density", density)

@@ -147,3 +147,25 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         spectral_density(torchcurv.MatrixOperator(torch.eye(10, dtype=DT)), seed=0, **kwargs)
+
+
+def test_plot_shows_outliers_of_weight_one_over_n_at_language_model_sizes():
+    # At n ~ 1e9 an outlier eigenvalue's node weight is ~1/n: its bump is ~1e-9 of the
+    # bulk's peak. The 1.1B Hessian's picture showed the bulk alone (a floor of 1e-8 of
+    # the peak, a rug of weights above 1e-6); the outlier must be drawn and marked.
+    from torchcurv.algorithms.spectral import SpectralDensity, broaden
+
+    n = 10**9
+    nodes = torch.tensor([[-1.0, 0.0, 1.0, 200.0]], dtype=torch.float64)
+    weights = torch.tensor([[0.25, 0.5, 0.25 - 1 / n, 1 / n]], dtype=torch.float64)
+    grid, density, sigma = broaden(nodes, weights, sigma=2.0, linear_width=None)
+    sd = SpectralDensity(nodes=nodes, weights=weights, grid=grid, density=density,
+                         sigma=sigma, log_scale=False, linear_width=None, n=n,
+                         num_matvecs=0, wall_time=0.0)
+    ax = sd.plot()
+    x, y = (torch.as_tensor(a, dtype=torch.float64) for a in ax.lines[0].get_data())
+    near = (x - 200.0).abs() < sigma
+    assert bool(torch.isfinite(y[near]).any())
+    assert ax.get_xlim()[1] > 200.0
+    rug = [line for line in ax.lines if line.get_label() == "quadrature nodes"][0]
+    assert 200.0 in rug.get_xdata().tolist()

@@ -112,16 +112,18 @@ class SpectralDensity:
              model: str | None = None):
         """Draw the density with a logarithmic y-axis (outliers stay visible).
 
-        Below ``1e-8`` of the peak the curve is not drawn: there the Gaussian tails of
-        distant nodes, not the spectrum, set the value, and a line resting on the axis
-        floor would read as measured density.
+        Below ``1e-8`` of the peak, or a hundredth of one eigenvalue's bump
+        (``1 / (n sigma sqrt(2 pi))``) if that is lower (large ``n``), the curve is not
+        drawn: there the Gaussian tails of distant nodes, not the spectrum, set the
+        value, and a line resting on the axis floor would read as measured density.
 
         Args:
             path_or_ax: a file path (the figure is written there, e.g. ``.png``/``.pdf``,
                 and the path returned), a matplotlib ``Axes`` to draw into (returned), or
                 ``None`` for a new figure (its ``Axes`` returned).
             title: optional axes title.
-            show_nodes: mark the quadrature nodes carrying weight as a rug at the bottom.
+            show_nodes: mark the quadrature nodes carrying weight (at least a hundredth of
+                one eigenvalue's ``1 / n``) as a rug at the bottom.
             eigenvalues: optional ``(k,)`` eigenvalues (e.g. ``EigshResult.eigenvalues``)
                 drawn as dashed vertical lines, so the density's outliers can be checked
                 against the solvers.
@@ -132,7 +134,11 @@ class SpectralDensity:
         """
         ax = plot_axes(path_or_ax, "SpectralDensity.plot")
         peak = float(self.density.max())
-        floor = peak * 1e-8 if peak > 0 else 1e-12
+        # One eigenvalue carries weight about 1/n, a bump of height ~1/(n sigma sqrt(2 pi)):
+        # at n ~ 1e9 far below 1e-8 of the bulk's peak, so a floor fixed relative to the
+        # peak hid exactly the outliers (the 1.1B Hessian's picture showed the bulk only).
+        single = 1.0 / (self.n * self.sigma * math.sqrt(2 * math.pi))
+        floor = min(peak * 1e-8, 1e-2 * single) if peak > 0 else 1e-12
         shown = torch.where(self.density >= floor, self.density, torch.nan).numpy()
         ax.plot(self.grid.numpy(), shown, color="C0", lw=1.4, label="SLQ density")
         ax.fill_between(self.grid.numpy(), floor, shown, where=self.density.numpy() >= floor,
@@ -146,7 +152,7 @@ class SpectralDensity:
         if self.log_scale:
             ax.set_xscale("asinh", linear_width=self.linear_width)
         if show_nodes:
-            heavy = self.weights > 1e-6
+            heavy = self.weights > 1e-2 / self.n  # a hundredth of one eigenvalue's share
             nodes = self.nodes[heavy].numpy()
             ax.plot(nodes, [floor * 2] * len(nodes), "|", color="C3", ms=8, alpha=0.6,
                     label="quadrature nodes")
