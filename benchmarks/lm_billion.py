@@ -328,12 +328,47 @@ def torchcurv_products(rows: Rows, model, batches, k: int) -> dict[str, dict]:
             one = rows.product("torchcurv", name, lambda op=op, v=v: op @ v)
             del v  # not resident while the block runs
             V = torch.randn(op.n, k, device=rows.device, dtype=op.dtype)
+            resident = gpu_allocated(rows.device)
             block = rows.once("torchcurv", f"{name}/block{k}", lambda op=op, V=V: op @ V)
             measured[name] = {"seconds": one["seconds"], "peak_gib": one["peak_gib"],
                               "block_peak_gib": block["peak_gib"]}
+            memory_prediction(rows, name, op, one, block, resident, k)
 
         rows.guard("torchcurv", name, run)
     return measured
+
+
+def gpu_allocated(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def memory_prediction(rows: Rows, name: str, op, one: dict, block: dict,
+                      resident: int | None, k: int) -> None:
+    """``op.memory_estimate`` (item 5) against the peaks just measured: one vector, and
+    the block of ``k`` when it ran as one product (its budget held the prediction).
+
+    The block's own sub-blocks measured the points the estimate comes from, so this costs
+    no product. Peaks are absolute (everything resident), the estimate is above what was
+    allocated when the block started: the row adds that back.
+    """
+    if resident is None or one["peak_gib"] is None or block["peak_gib"] is None:
+        return
+    gib = 2**30
+    est1, estk = op.memory_estimate(1), op.memory_estimate(k)
+    whole = any(m == k for m, _ in estk.measured)
+    predicted_one = (resident + est1.bytes) / gib
+    predicted_block = (resident + estk.bytes) / gib
+    rows.emit(lib="torchcurv", what=f"{name}/memory_estimate",
+              measured_points=[[m, b / gib] for m, b in estk.measured],
+              resident_gib=resident / gib,
+              predicted_one_gib=predicted_one, measured_one_gib=one["peak_gib"],
+              one_error=predicted_one / one["peak_gib"] - 1,
+              predicted_block_gib=predicted_block, measured_block_gib=block["peak_gib"],
+              # the prediction for k is only tested by a block that ran as one product
+              # of k (then it is a measured point); split, it peaked at a sub-block's size
+              block_ran_whole=whole,
+              block_error=predicted_block / block["peak_gib"] - 1 if whole else None,
+              per_vector_gib=estk.per_vector_bytes / gib, fixed_gib=estk.fixed_bytes / gib)
 
 
 def peer_products(rows: Rows, model, batches) -> None:
