@@ -49,21 +49,23 @@ def inner_products(A: torch.Tensor, B: torch.Tensor, segment: int | None = None)
     ``(..., p, c)``, the projections of Gram-Schmidt and Rayleigh-Ritz.
 
     Why not ``A @ B.mT``: when the contracted length ``n`` is the only long dimension
-    (a few vectors against a few others), cuBLAS can pick a matrix-vector kernel that
-    runs on a single multiprocessor (pytorch/pytorch#114911), and at language-model sizes
-    every projection would read gigabytes through one SM. On CUDA the contraction is cut
-    into ``segment``-long pieces (default :data:`SEGMENT`), multiplied as one batched
-    product over the pieces (one piece per program, so every SM has work) and the partial
-    sums added; the pieces are strided views of the inputs. Elsewhere, or when ``n`` is
-    under two pieces, it is the plain product. Cost: one read of both inputs either way;
-    the partials are ``(n / segment) x p x c``. ``benchmarks/lanczos_phases.py`` times
-    both at the 1.1B model's size.
+    (a few vectors against a few others), cuBLAS runs a matrix-vector kernel that reads
+    the inputs well below the device's copy bandwidth (single-SM kernels are reported
+    for such shapes, pytorch/pytorch#114911), and at language-model sizes every
+    projection reads gigabytes. On CUDA the contraction is cut into ``segment``-long
+    pieces (default :data:`SEGMENT`), multiplied as one batched product over the pieces
+    (one piece per program, so every SM has work) and the partial sums added; the
+    pieces are strided views of the inputs. Elsewhere, when ``n`` is under two pieces,
+    or for one vector against one (where the plain product was faster), it is the plain
+    product. Cost: one read of both inputs either way; the partials are
+    ``(n / segment) x p x c``. ``benchmarks/lanczos_phases.py`` times both against the
+    copy-bandwidth floor at the 1.1B model's size (``lanczos_phases_h200_f.jsonl``).
     """
     n = A.shape[-1]
     if segment is None:
         segment = SEGMENT if A.is_cuda else n
     pieces = n // max(segment, 1)
-    if pieces < 2 or A.shape[-2] == 0 or B.shape[-2] == 0:
+    if pieces < 2 or A.shape[-2] * B.shape[-2] <= 1:
         return A @ B.transpose(-1, -2)
     cut = pieces * segment
     out = A[..., cut:] @ B[..., cut:].transpose(-1, -2)
