@@ -388,8 +388,10 @@ def peer_products(rows: Rows, model, batches) -> None:
 def row_seconds(n: int, device: torch.device, basis_device: torch.device,
                 basis_dtype: torch.dtype) -> float:
     """Seconds to bring one stored basis vector to the device in the arithmetic's dtype,
-    the unit of a Lanczos step's Gram-Schmidt cost (host-resident bases cross PCIe)."""
-    row = torch.zeros(n, dtype=basis_dtype, device=basis_device)
+    the unit of a Lanczos step's Gram-Schmidt cost (host-resident bases cross PCIe, from
+    pinned memory as :class:`~torchcurv.algorithms.krylov.KrylovBasis` keeps them)."""
+    pinned = basis_device.type == "cpu" and device.type == "cuda"
+    row = torch.zeros(n, dtype=basis_dtype, device=basis_device, pin_memory=pinned)
     return timed(lambda row=row: row.to(device, torch.float32), device, reps=2, warmup=1)
 
 

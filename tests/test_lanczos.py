@@ -377,3 +377,19 @@ def test_residual_norms_in_column_groups_and_float64_pieces_match_the_explicit_o
                           torch.linalg.vector_norm(X.double(), dim=1), rtol=1e-12)
     assert torch.allclose(result.norms64(X.T, dim=0, piece_bytes=8),
                           torch.linalg.vector_norm(X.double(), dim=1), rtol=1e-12)
+
+
+@pytest.mark.gpu
+def test_a_host_basis_for_a_cuda_operator_is_pinned_and_gives_the_device_basis_answer():
+    # Pinned, its pieces cross by DMA row by row; the eigenpairs must not depend on where
+    # the basis lives.
+    ev = indefinite_spectrum(300)
+    op = torchcurv.MatrixOperator(rotated(ev).cuda())
+    kb = krylov.KrylovBasis(op, 1, 8, basis_device="cpu", basis_dtype=torch.float32,
+                            generator=torch.Generator().manual_seed(0))
+    assert kb.basis.device.type == "cpu" and kb.basis.is_pinned()
+    host = lanczos_eigsh(op, k=4, tol=1e-6, seed=0, basis_device="cpu",
+                         basis_dtype=torch.float32)
+    device = lanczos_eigsh(op, k=4, tol=1e-6, seed=0, basis_dtype=torch.float32)
+    assert host.all_converged and device.all_converged
+    assert torch.allclose(host.eigenvalues, device.eigenvalues, rtol=1e-9)

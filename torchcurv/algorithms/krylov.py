@@ -107,6 +107,20 @@ def _arithmetic_floor(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _allocate_basis(shape: tuple[int, int, int], dtype: torch.dtype,
+                    device: torch.device, op_device: torch.device) -> torch.Tensor:
+    """The zeroed basis; in pinned (page-locked) host memory when it is kept on the host
+    for a CUDA operator, so its pieces cross to the device by DMA at full link speed
+    (pageable memory is staged through a driver buffer first). Pageable if pinning so
+    much memory fails."""
+    if device.type == "cpu" and op_device.type == "cuda":
+        try:
+            return torch.zeros(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class KrylovBasis:
     """``b`` orthonormal Krylov bases of up to ``m`` vectors of length ``n``, and ``T``.
 
@@ -147,7 +161,7 @@ class KrylovBasis:
         # direction, and the best relative residual a solve can be asked for.
         self.working_dtype = max(op.dtype, basis_dtype, key=lambda d: torch.finfo(d).eps)
         self.working_eps = torch.finfo(self.working_dtype).eps
-        self.basis = torch.zeros(b, m, self.n, dtype=basis_dtype, device=basis_device)
+        self.basis = _allocate_basis((b, m, self.n), basis_dtype, basis_device, self.device)
         self.T = torch.zeros(b, m, m, dtype=torch.float64)
         self.generator = generator
         self.anorm = 0.0  # running lower bound on ||A||, scales the breakdown test
@@ -175,7 +189,22 @@ class KrylovBasis:
         width = max(1, CHUNK_BYTES // (self.b * max(count, 1) * itemsize))
         for start in range(0, self.n, width):
             columns = slice(start, min(start + width, self.n))
-            yield columns, self.basis[:, :count, columns].to(self.device, self.compute_dtype)
+            yield columns, self._piece(count, columns)
+
+    def _piece(self, count: int, columns: slice) -> torch.Tensor:
+        """Rows ``[0, count)`` at ``columns`` on the operator's device in compute dtype.
+
+        From another device the piece is copied row by row: each row's slice is
+        contiguous, so a pinned host basis goes by DMA, where copying the strided piece
+        whole would first gather it into a pageable host buffer."""
+        src = self.basis[:, :count, columns]
+        if src.device == self.device:
+            return src.to(self.compute_dtype)
+        staged = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+        for i in range(self.b):
+            for r in range(count):
+                staged[i, r].copy_(src[i, r], non_blocking=src.is_pinned())
+        return staged.to(self.compute_dtype)
 
     def set_rows(self, start: int, block: torch.Tensor) -> None:
         self.basis[:, start:start + block.shape[1]] = block.to(self.basis.device,
