@@ -167,5 +167,5 @@ def test_plot_shows_outliers_of_weight_one_over_n_at_language_model_sizes():
     near = (x - 200.0).abs() < sigma
     assert bool(torch.isfinite(y[near]).any())
     assert ax.get_xlim()[1] > 200.0
-    rug = [line for line in ax.lines if line.get_label() == "quadrature nodes"][0]
+    rug = next(line for line in ax.lines if line.get_label() == "quadrature nodes")
     assert 200.0 in rug.get_xdata().tolist()
