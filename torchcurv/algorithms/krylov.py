@@ -32,6 +32,9 @@ has Ritz vectors with zero first component, so it carries no weight.
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 from torchcurv.algorithms.result import norms64
@@ -39,6 +42,9 @@ from torchcurv.operators.memory import basis_device as choose_basis_device
 
 CHUNK_BYTES = 2**30
 """Largest piece of a streamed basis (host-resident or other-dtype) on the device at once."""
+
+PIN_FRACTION = 0.6
+"""Largest share of the host's memory a host-resident basis is page-locked for."""
 
 SEGMENT = 2**16
 """Length of the pieces :func:`inner_products` cuts a long contraction into on CUDA."""
@@ -111,14 +117,21 @@ def _allocate_basis(shape: tuple[int, int, int], dtype: torch.dtype,
                     device: torch.device, op_device: torch.device) -> torch.Tensor:
     """The zeroed basis; in pinned (page-locked) host memory when it is kept on the host
     for a CUDA operator, so its pieces cross to the device by DMA at full link speed
-    (pageable memory is staged through a driver buffer first). Pageable if pinning so
-    much memory fails."""
+    (pageable memory is staged through a driver buffer first). Pageable when the basis
+    is more than :data:`PIN_FRACTION` of the host's memory (page-locking nearly all of
+    it starves everything else on the host) or pinning fails."""
     if device.type == "cpu" and op_device.type == "cuda":
-        try:
-            return torch.zeros(shape, dtype=dtype, pin_memory=True)
-        except RuntimeError:
-            pass
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if size <= PIN_FRACTION * _host_memory_bytes():
+            try:
+                return torch.zeros(shape, dtype=dtype, pin_memory=True)
+            except RuntimeError:
+                pass
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class KrylovBasis:
