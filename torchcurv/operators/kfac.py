@@ -584,7 +584,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         loss anywhere raises on every rank."""
         with self._stage(self.device):
             losses, parts = local()
-            bad = losses.nonfinite_batches()
+            # alone, the check below reads the losses itself: one host sync, not two
+            bad = losses.nonfinite_batches() if self.distributed else []
         if not self.distributed:
             losses.raise_if_not_finite()
             return parts
