@@ -411,7 +411,9 @@ class KFACOperator(SeededDraws, CurvatureOperator):
 
         def post_hook(layer: _Layer):
             def hook(module, args, output):
-                edge = _output_edge(output, type(module).forward in _STOCK_FORWARDS)
+                stock = (type(module).forward in _STOCK_FORWARDS
+                         and "forward" not in module.__dict__)
+                edge = _output_edge(output, stock)
                 if edge is not None:
                     outputs.setdefault(layer.name, []).append(edge)
                     return None
@@ -916,9 +918,9 @@ def _output_edge(output: torch.Tensor, stock: bool) -> _Edge | None:
     if output._base is None:
         return _Edge(get_gradient_edge(output), output.shape)
     base = output._base
-    if (stock and base.requires_grad and base.grad_fn is not None and base.numel() == output.numel()
-            and base.storage_offset() == output.storage_offset()
-            and base.is_contiguous() and output.is_contiguous()):
+    whole = (base.numel() == output.numel() and base.storage_offset() == output.storage_offset()
+             and base.is_contiguous() and output.is_contiguous())
+    if stock and whole and base.requires_grad and base.grad_fn is not None:
         return _Edge(get_gradient_edge(base), output.shape)
     return None
 
