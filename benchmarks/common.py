@@ -52,6 +52,29 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int = 5, warmup:
     return statistics.median(times)
 
 
+def op_counts(fn: Callable[[], object], device: torch.device) -> dict:
+    """What one call of ``fn`` dispatches, after a warm-up call: aten operators (every
+    ``aten::`` event, nested ones included), host syncs (``aten::_local_scalar_dense``:
+    ``.item()``, ``float(t)``, ``bool(t)``) and, on CUDA, kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    fn()
+    sync(device)
+    with profile(activities=activities) as p:
+        fn()
+        sync(device)
+    events = p.key_averages()
+    counts = dict(aten_ops=sum(e.count for e in events if e.key.startswith("aten::")),
+                  host_syncs=sum(e.count for e in events
+                                 if e.key == "aten::_local_scalar_dense"))
+    if device.type == "cuda":
+        counts["launches"] = sum(e.count for e in events if e.key in (
+            "cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    return counts
+
+
 def machine(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "device": str(device), "python": sys.version.split()[0]}
     if device.type == "cuda":

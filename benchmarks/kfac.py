@@ -24,6 +24,8 @@ Builds run with ``check_deterministic=False`` in both libraries (torchcurv's che
 the data twice more; one extra row measures them) and are eager in both: curvlinops'
 ``compute_kronecker_factors()`` (and ``compute_eigenvalue_correction()``) is called inside
 the timed build, so no product pays for factors. hessian-eigenthings has no KFAC.
+Build rows also carry what one build dispatches (:func:`common.op_counts`: aten operators,
+host syncs, CUDA launches): at these sizes a GPU waits on the host's issuing of operators.
 One JSON line per measurement, each with ``nparams``; a ``flop_floor`` row per problem
 gives the FLOPs no implementation avoids (:func:`flop_floor`) and their ratios.
 
@@ -36,7 +38,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import emit, gpt2_problem, guarded, machine, mlp_problem, timed, write_to
+from common import (
+    emit,
+    gpt2_problem,
+    guarded,
+    machine,
+    mlp_problem,
+    op_counts,
+    timed,
+    write_to,
+)
 from torch import nn
 
 import torchcurv
@@ -171,8 +182,10 @@ def bench(problem, model, criterion, data, params, device, reps):
 
     def ours():
         settings = dict(params=params, fisher_type="mc", check_deterministic=False)
-        row("torchcurv", "build_kfac", built(lambda: torchcurv.KFACOperator(
-            model, criterion, data, **settings), device))
+        def kfac():
+            return torchcurv.KFACOperator(model, criterion, data, **settings)
+
+        row("torchcurv", "build_kfac", built(kfac, device), **op_counts(kfac, device))
         row("torchcurv", "build_kfac_with_checks", built(lambda: torchcurv.KFACOperator(
             model, criterion, data, params=params), device), check_deterministic=True)
         K = torchcurv.KFACOperator(model, criterion, data, **settings)
@@ -192,8 +205,10 @@ def bench(problem, model, criterion, data, params, device, reps):
         exact = K.inverse(DAMPING, mode="exact")
         row("torchcurv", "inverse_matvec_kfac", timed(lambda: exact @ v, device, reps=reps),
             damping="exact")
-        row("torchcurv", "build_ekfac", built(lambda: torchcurv.EKFACOperator(
-            model, criterion, data, **settings), device))
+        def ekfac():
+            return torchcurv.EKFACOperator(model, criterion, data, **settings)
+
+        row("torchcurv", "build_ekfac", built(ekfac, device), **op_counts(ekfac, device))
         E = torchcurv.EKFACOperator(model, criterion, data, **settings)
         row("torchcurv", "matvec_ekfac", timed(lambda: E @ v, device, reps=reps))
         inv_e = E.inverse(DAMPING)
@@ -210,7 +225,7 @@ def bench(problem, model, criterion, data, params, device, reps):
             K.compute_kronecker_factors()
             return K
 
-        row("curvlinops", "build_kfac", built(kfac, device))
+        row("curvlinops", "build_kfac", built(kfac, device), **op_counts(kfac, device))
         K = kfac()
         row("curvlinops", "matvec_kfac", timed(lambda: K @ v, device, reps=reps))
         for mode, kw in (("factors", {}), ("exact", {"use_exact_damping": True})):
@@ -225,7 +240,7 @@ def bench(problem, model, criterion, data, params, device, reps):
             E.compute_eigenvalue_correction()
             return E
 
-        row("curvlinops", "build_ekfac", built(ekfac, device))
+        row("curvlinops", "build_ekfac", built(ekfac, device), **op_counts(ekfac, device))
         E = ekfac()
         row("curvlinops", "matvec_ekfac", timed(lambda: E @ v, device, reps=reps))
         inv = KFACInverseLinearOperator(E, damping=DAMPING, use_exact_damping=True)

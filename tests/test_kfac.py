@@ -493,6 +493,19 @@ def test_a_pass_over_the_data_reads_nothing_back_per_batch(kind, loss, fisher_ty
     assert reads[0] == reads[1], reads
 
 
+@pytest.mark.parametrize("cls", [torchcurv.KFACOperator, torchcurv.EKFACOperator])
+def test_construction_reads_back_as_often_for_2_as_for_5_batches(cls):
+    # the loss-term counts, one per batch, come back to the host in one read, as do the
+    # factors' end-of-pass checks
+    reads = []
+    for sizes in ((9, 7), (9, 7, 5, 8, 6)):
+        model, data = _case("mlp", "ce", sizes)
+        with _HostReads() as counter:
+            cls(model, nn.CrossEntropyLoss(), data, check_deterministic=False)
+        reads.append(counter.count)
+    assert reads[0] == reads[1], reads
+
+
 @pytest.mark.gpu
 def test_a_pass_over_the_data_on_the_gpu_synchronises_as_often_for_2_as_for_5_batches():
     import warnings

@@ -93,11 +93,14 @@ def monte_carlo_fisher_factors(
         prob = torch.softmax(f, dim=1)
         labels = _drawable(prob, 1 / layout.width).multinomial(
             mc_samples, replacement=True, generator=generator).T
-        row = criterion_row_weights(criterion, output, target).to(f.dtype) * scale_t
+        row = criterion_row_weights(criterion, output, target)
+        row = (row if row.dtype == f.dtype else row.to(f.dtype)) * scale_t
+        # one draw needs no copy: `prob` has no other use once drawn from
+        g = prob.unsqueeze(0) if mc_samples == 1 else prob.unsqueeze(0).repeat(
+            mc_samples, 1, 1)
         # p - e_label with the 1 subtracted by a scatter (the same floats): one_hot
         # would check the labels' range on the host, a sync per batch, and build an
         # int64 (S, R, K) tensor
-        g = prob.unsqueeze(0).repeat(mc_samples, 1, 1)
         g.scatter_add_(2, labels.unsqueeze(2), g.new_full((*labels.shape, 1), -1.0))
         g.mul_(row.clamp_min(0).sqrt()[None, :, None])
     elif isinstance(criterion, nn.BCEWithLogitsLoss):

@@ -264,7 +264,7 @@ class CurvatureOperator(ParameterOperator):
             self._batch_shapes = layout
             if not counts and not self.distributed:
                 raise ValueError("data is empty: it yielded no batch")
-            weights = [[float(w) for w in ws] for ws in counts]
+            weights = _as_floats(counts, self.device)
         # this rank's loss-term count, which every later pass over the data must see again
         self._local_weight = float(sum(sum(ws) for ws in weights))
         # distributed, the data set is the union of the ranks' shards
@@ -601,6 +601,27 @@ class CurvatureOperator(ParameterOperator):
                     finally:
                         del V
         return MemoryEstimate.fit(self._memory_points, m, self._memory_method)
+
+
+def _as_floats(counts: list[list[torch.Tensor | float]],
+               device: torch.device) -> list[list[float]]:
+    """``float(w)`` of every count, with one transfer from the device for all the
+    one-entry real tensors there rather than a host sync per batch (float64 holds each
+    of them, and the Python float it gives, exactly); anything else as ``float`` has it,
+    its errors included."""
+    flat = [w for ws in counts for w in ws]
+    on_device = [w for w in flat if isinstance(w, torch.Tensor) and w.device == device
+                 and w.numel() == 1 and not w.is_complex()]
+    if len(on_device) > 1:
+        # stacked in one dtype, lest promotion round an int64 count to float32
+        same = len({w.dtype for w in on_device}) == 1
+        stacked = torch.stack([w.reshape(()) if same else w.reshape(()).to(torch.float64)
+                               for w in on_device])
+        values = stacked.to(torch.float64).tolist()
+        fetched = {id(w): v for w, v in zip(on_device, values)}
+        return [[fetched[id(w)] if id(w) in fetched else float(w) for w in ws]
+                for ws in counts]
+    return [[float(w) for w in ws] for ws in counts]
 
 
 class BatchLosses:

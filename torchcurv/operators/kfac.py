@@ -50,6 +50,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from torchcurv.algorithms.probing import check_choice
 from torchcurv.algorithms.solve import check_damping
@@ -400,7 +401,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         losses = BatchLosses()
         examples = 0.0
         inputs: dict[str, list[torch.Tensor]] = {}
-        outputs: dict[str, list[torch.Tensor]] = {}
+        outputs: dict[str, list[torch.Tensor | _Edge]] = {}
 
         def pre_hook(layer: _Layer):
             def hook(module, args):
@@ -410,6 +411,12 @@ class KFACOperator(SeededDraws, CurvatureOperator):
 
         def post_hook(layer: _Layer):
             def hook(module, args, output):
+                stock = (type(module).forward in _STOCK_FORWARDS
+                         and "forward" not in module.__dict__)
+                edge = _output_edge(output, stock)
+                if edge is not None:
+                    outputs.setdefault(layer.name, []).append(edge)
+                    return None
                 if not output.requires_grad:  # nothing upstream requires grad
                     output = output.detach().requires_grad_(True)
                 outputs.setdefault(layer.name, []).append(output)
@@ -442,18 +449,23 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                             xs[k] = kept
                 if not keep_inputs:
                     inputs.clear()
-                tensors = [t for layer in self._layers for t in outputs.get(layer.name, [])]
+                kept_outputs = [t for layer in self._layers for t in outputs.get(layer.name, [])]
+                edges = [t.edge if isinstance(t, _Edge) else get_gradient_edge(t)
+                         for t in kept_outputs]
                 count = len(vectors)
                 for s, u in enumerate(vectors):
-                    grads = torch.autograd.grad(output, tensors, grad_outputs=u(),
+                    grads = torch.autograd.grad(output, edges, grad_outputs=u(),
                                                 retain_graph=s < count - 1, allow_unused=True)
                     pos = 0
                     for layer in self._layers:
                         xs = inputs.get(layer.name, [])
                         for k in range(len(outputs.get(layer.name, []))):
-                            g = grads[pos]
+                            g, kept_output = grads[pos], kept_outputs[pos]
                             pos += 1
                             if g is not None:
+                                if (isinstance(kept_output, _Edge)
+                                        and g.shape != kept_output.shape):
+                                    g = g.reshape(kept_output.shape)
                                 kept = xs[k] if k < len(xs) else None
                                 on_grads(layer, kept, self._layer_grad(layer, g), weight)
                 inputs.clear()
@@ -478,7 +490,9 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         if self.fisher_type == "mc":
             factor = monte_carlo_fisher_factors(crit, output_d, target, scale,
                                                 self.mc_samples, rng)
-            rows = factor.layout.from_rows(factor.factors).to(output.dtype)
+            rows = factor.layout.from_rows(factor.factors)
+            if rows.dtype != output.dtype:
+                rows = rows.to(output.dtype)
             return loss, [(lambda s=s: rows[s]) for s in range(self.mc_samples)], (
                 1.0 / self.mc_samples)
         root = LossHessianSqrt(crit, output_d, target, scale)
@@ -489,7 +503,9 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         """The layer's input as ``(N_l, S, c)`` rows of the factor dtype."""
         if len(args) != 1:
             raise TypeError(f"layer '{layer.name}' is called with {len(args)} inputs, not 1")
-        x = args[0].detach().to(self.factor_dtype)
+        x = args[0].detach()
+        if x.dtype != self.factor_dtype:
+            x = x.to(self.factor_dtype)
         module = layer.module
         if x.ndim < (4 if isinstance(module, nn.Conv2d) else 2):
             raise ValueError(
@@ -505,7 +521,9 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         return x
 
     def _layer_grad(self, layer: _Layer, g: torch.Tensor) -> torch.Tensor:
-        g = g.detach().to(self.factor_dtype)
+        # autograd.grad without create_graph gives tensors outside any graph: no detach
+        if g.dtype != self.factor_dtype:
+            g = g.to(self.factor_dtype)
         if isinstance(layer.module, nn.Conv2d):
             g = g.movedim(1, -1)
         return g.reshape(g.shape[0], -1, g.shape[-1])
@@ -540,7 +558,10 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                         size, size, dtype=dtype, device=device))
                 parts.append(B[layer.name] if layer.name in B else torch.zeros(
                     d_out, d_out, dtype=dtype, device=device))
-            parts.append(torch.tensor([examples], dtype=dtype, device=device))
+            # the count is summed over the ranks with the factors, in their dtype; alone,
+            # it is rounded to that dtype on the host (no transfer to the device and back)
+            parts.append(torch.tensor([examples], dtype=dtype,
+                                      device=device if self.distributed else "cpu"))
             return losses, parts
 
         parts = self._summed_over_ranks(local, "the construction of the Kronecker factors")
@@ -565,7 +586,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         loss anywhere raises on every rank."""
         with self._stage(self.device):
             losses, parts = local()
-            bad = losses.nonfinite_batches()
+            # alone, the check below reads the losses itself: one host sync, not two
+            bad = losses.nonfinite_batches() if self.distributed else []
         if not self.distributed:
             losses.raise_if_not_finite()
             return parts
@@ -866,6 +888,43 @@ class KFACInverseOperator(ParameterOperator):
 
 
 # -- helpers -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Edge:
+    """Where a layer output's gradient arrives in the graph, and the output's shape."""
+
+    edge: GradientEdge
+    shape: torch.Size
+
+
+_STOCK_FORWARDS = tuple(layer.forward for layer in SUPPORTED_LAYERS)
+
+
+def _output_edge(output: torch.Tensor, stock: bool) -> _Edge | None:
+    """The gradient edge of ``output`` as of now, when it has one that an in-place
+    operation downstream (an in-place activation) leaves in the graph; else ``None``,
+    and the caller backpropagates to a copy of it instead.
+
+    An in-place operation on a tensor moves the tensor's ``grad_fn`` on, but the node
+    the edge names still receives the gradient of the value before it, the layer
+    output's. On a view it rebuilds the view's ``grad_fn`` from its base instead, so
+    the view's node leaves the graph: for a view that is its whole base in the same
+    order (``nn.Linear`` on more than two dimensions folds them into one matmul and
+    views the result back) the base's edge serves, its gradient the output's reshaped,
+    when the layer's ``forward`` is torch's own (``stock``), which uses the base for
+    nothing else; other views, and outputs outside any graph, get none.
+    """
+    if not output.requires_grad:
+        return None
+    if output._base is None:
+        return _Edge(get_gradient_edge(output), output.shape)
+    base = output._base
+    whole = (base.numel() == output.numel() and base.storage_offset() == output.storage_offset()
+             and base.is_contiguous() and output.is_contiguous())
+    if stock and whole and base.requires_grad and base.grad_fn is not None:
+        return _Edge(get_gradient_edge(base), output.shape)
+    return None
+
+
 def _add_gram(store: dict[str, torch.Tensor], key: str, rows: torch.Tensor,
               alpha: float) -> None:
     """``store[key] += alpha rowsᵀ rows`` (``rows`` ``(R, c)``): one ``addmm_``, the scale
