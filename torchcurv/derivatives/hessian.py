@@ -123,7 +123,7 @@ class FiniteDifferenceHessian(HessianStrategy):
                 return kernel(kernel.bound, batch, scale, op.param_names, op.params)
         # preserved gives the model back (grads, buffers, attributes); the parameters are
         # restored from `origin`, the one copy, after every vector and on any exit.
-        with sharding.perturbing(op.model), preserved(op.model):
+        with sharding.perturbing(op.model), preserved(op.model, guard=op._guard):
             origin = [p.detach().clone() for p in op.params]
             try:
                 theta_norm = sharding.norm(origin, op.device)
