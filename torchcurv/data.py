@@ -100,3 +100,24 @@ def _tensor_fingerprint(batch: torch.Tensor) -> tuple:
 def shapes(batch: Batch) -> Any:
     """The shapes of a batch's tensors, nested like the batch: known without a kernel."""
     return map_batch(lambda t: tuple(t.shape), batch, leaf=lambda _: (), rebuild=False)
+
+
+def placed(batch: Batch, device: torch.device) -> tuple[Batch, Any]:
+    """``(to_device(batch, device), shapes(batch))``, in one pass without closures for the
+    usual batches (a tuple or list of tensors, a plain dict of them), which every
+    product walks once per batch."""
+    kind = type(batch)
+    if kind is tuple or kind is list:
+        if all(type(t) is torch.Tensor for t in batch):
+            layout = tuple([tuple(t.shape) for t in batch])
+            if all(t.device == device for t in batch):
+                return (batch if kind is tuple else list(batch)), layout
+            return kind([t if t.device == device else t.to(device, non_blocking=True)
+                         for t in batch]), layout
+    elif kind is dict:
+        if all(type(t) is torch.Tensor for t in batch.values()):
+            layout = tuple([(k, tuple(batch[k].shape)) for k in sorted(batch)])
+            return {k: t if t.device == device else t.to(device, non_blocking=True)
+                    for k, t in batch.items()}, layout
+    moved = to_device(batch, device)
+    return moved, shapes(moved)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from typing_extensions import Self, Unpack
 
-from torchcurv.data import check_reiterable, fingerprint, iterate, shapes
+from torchcurv.data import check_reiterable, fingerprint, iterate, placed, shapes
 from torchcurv.distributed.sharding import sharding_for
 from torchcurv.dtypes import accumulation_dtype
 from torchcurv.errors import DataChangedError, NondeterminismError, NonFiniteLossError
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 Batch = Any
 BatchMatmat = Callable[["CurvatureOperator", Batch, "torch.Tensor | float", list[torch.Tensor]],
                        tuple[torch.Tensor, list[torch.Tensor]]]
+
+# stateless, so one serves every product without recorded graphs
+_UNLOCKED = contextlib.nullcontext()
 
 _RANDOM_IN_TRAIN_MODE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                          nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -382,15 +385,24 @@ class CurvatureOperator(ParameterOperator):
         """
         cached = self._batch_weights
         expected = self.batch_counts[self._rank]
+        layouts, device, total = self._batch_shapes, self.device, self.total_weight
+        # the usual walk, decided once: whole batches of a 'mean' loss, counts cached
+        counted = (cached is not None and self.microbatch_size is None
+                   and self.objective.reduction == "mean")
         seen: list[torch.Tensor | float] = []
         count = 0
-        for i, batch in enumerate(iterate(self.data, self.device)):
+        for i, raw in enumerate(self.data):
             count = i + 1
             if count > expected:
                 raise self._data_changed(f"more than the {expected} batches")
-            if shapes(batch) != self._batch_shapes[i]:
+            batch, layout = placed(raw, device)
+            if layout != layouts[i]:
                 raise self._data_changed(
-                    f"batch {i} with shapes {shapes(batch)}, not {self._batch_shapes[i]}")
+                    f"batch {i} with shapes {layout}, not {layouts[i]}")
+            if counted:
+                assert cached is not None
+                yield i, batch, cached[i][0] / total
+                continue
             pieces = self._pieces(batch)
             if self.objective.reduction == "sum":
                 seen.append(self.objective.batch_weight(batch))
@@ -463,8 +475,7 @@ class CurvatureOperator(ParameterOperator):
             acc = [torch.zeros((m, *s), dtype=dtype, device=V.device) for s in self._shapes]
         losses = BatchLosses()
         graphs = self._graphs
-        lock = graphs.lock if graphs else contextlib.nullcontext()
-        with preserved(self.model, guard=self._guard), lock:
+        with preserved(self.model, guard=self._guard), graphs.lock if graphs else _UNLOCKED:
             # a recorded graph reads the vectors from its own buffer
             blocks = self._split_block(V) if graphs is None else graphs.start(V)
             for position, (i, batch, scale) in enumerate(self._batches()):
