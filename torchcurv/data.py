@@ -106,18 +106,30 @@ def placed(batch: Batch, device: torch.device) -> tuple[Batch, Any]:
     """``(to_device(batch, device), shapes(batch))``, in one pass without closures for the
     usual batches (a tuple or list of tensors, a plain dict of them), which every
     product walks once per batch."""
+    # plain loops: a generator expression or comprehension is a frame of its own
     kind = type(batch)
     if kind is tuple or kind is list:
-        if all(type(t) is torch.Tensor for t in batch):
-            layout = tuple([tuple(t.shape) for t in batch])
-            if all(t.device == device for t in batch):
-                return (batch if kind is tuple else list(batch)), layout
-            return kind([t if t.device == device else t.to(device, non_blocking=True)
-                         for t in batch]), layout
+        layout = []
+        here = True
+        for t in batch:
+            if type(t) is not torch.Tensor:
+                break
+            layout.append(tuple(t.shape))
+            if here and t.device != device:
+                here = False
+        else:
+            if here:
+                return (batch if kind is tuple else list(batch)), tuple(layout)
+            moved = [t if t.device == device else t.to(device, non_blocking=True)
+                     for t in batch]
+            return (tuple(moved) if kind is tuple else moved), tuple(layout)
     elif kind is dict:
-        if all(type(t) is torch.Tensor for t in batch.values()):
-            layout = tuple([(k, tuple(batch[k].shape)) for k in sorted(batch)])
-            return {k: t if t.device == device else t.to(device, non_blocking=True)
-                    for k, t in batch.items()}, layout
+        placed_items = {}
+        for k, t in batch.items():
+            if type(t) is not torch.Tensor:
+                break
+            placed_items[k] = t if t.device == device else t.to(device, non_blocking=True)
+        else:
+            return placed_items, tuple([(k, tuple(batch[k].shape)) for k in sorted(batch)])
     moved = to_device(batch, device)
     return moved, shapes(moved)

@@ -69,7 +69,15 @@ class Objective:
             self.loss = _ScalarLoss(self.loss)
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return self.loss(self.forward(model, batch), batch)
+        loss = self.loss
+        if type(loss) is _ScalarLoss and loss.fn is _identity:
+            # from_loss_fn's objective: its forward is the loss (one frame per batch
+            # instead of three)
+            value = self.forward(model, batch)
+            if isinstance(value, torch.Tensor) and value.ndim != 0:
+                _scalar(value)
+            return value
+        return loss(self.forward(model, batch), batch)
 
     def batch_weight(self, batch: Batch) -> torch.Tensor | float:
         """The batch's share of the data set's loss before normalisation."""
@@ -138,8 +146,12 @@ class _Supervised(Objective):
         own = self._own
         if own is None or self.loss is not own[0] or self.forward is not _forward_x:
             return super().__call__(model, batch)
-        _check_pair(batch)
-        return _scalar(own[1](model(batch[0]), batch[1]))
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            _check_pair(batch)
+        loss = own[1](model(batch[0]), batch[1])
+        if isinstance(loss, torch.Tensor) and loss.ndim != 0:
+            _scalar(loss)
+        return loss
 
 
 def has_separate_output(objective: Objective) -> bool:

@@ -166,7 +166,10 @@ class _Restriction:
             if _DEPTH == 0:
                 _ACTIVE.append(_math_only())
             _DEPTH += 1
-        _thread_orders().append(order)
+        try:
+            _ORDERS.stack.append(order)
+        except AttributeError:
+            _thread_orders().append(order)
         if order == "jvp" and _kernel_may_apply():
             try:
                 flash = _FlashSdpa()
@@ -187,7 +190,7 @@ class _Restriction:
     @staticmethod
     def _leave() -> None:
         global _DEPTH
-        _thread_orders().pop()
+        _ORDERS.stack.pop()
         with _LOCK:
             _DEPTH -= 1
             if _DEPTH == 0:

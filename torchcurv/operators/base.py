@@ -268,8 +268,13 @@ class ParameterOperator(LinearOperator):
         if m == 1:
             # a column of a 2-D tensor is 1-D, so each piece views as any shape
             flat = V[:, 0]
-            block = ParameterBlock(self._param_views(flat, row=True))
-            block._vectors = self._param_views(flat)
+            if self._view_plans is None:
+                block = ParameterBlock(self._param_views(flat, row=True))
+                block._vectors = self._param_views(flat)
+            else:  # _param_views, inline: once per product
+                vectors, rows = self._view_plans
+                block = ParameterBlock(torch._C._nn.unflatten_dense_tensors(flat, rows))
+                block._vectors = list(torch._C._nn.unflatten_dense_tensors(flat, vectors))
             return block
         return ParameterBlock(
             c.T.reshape(m, *s) for c, s in zip(V.split(self._sizes, dim=0), self._shapes)

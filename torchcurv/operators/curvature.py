@@ -385,7 +385,7 @@ class CurvatureOperator(ParameterOperator):
         """
         cached = self._batch_weights
         expected = self.batch_counts[self._rank]
-        layouts, device, total = self._batch_shapes, self.device, self.total_weight
+        layouts, device, total = self._batch_shapes, self._device, self.total_weight
         # the usual walk, decided once: whole batches of a 'mean' loss, counts cached
         counted = (cached is not None and self.microbatch_size is None
                    and self.objective.reduction == "mean")
@@ -487,7 +487,10 @@ class CurvatureOperator(ParameterOperator):
                     loss, out = graphs.run(
                         position, batch, scale, blocks,
                         lambda batch, scale, blocks: batch_matmat(self, batch, scale, blocks))
-                losses.add(i, loss)
+                # BatchLosses.add, inline: this loop runs once per batch of every product
+                value = loss.detach()
+                losses.values.append(value if value.dim() == 0 else value.reshape(()))
+                losses.batch_index.append(i)
                 if acc is not None:
                     torch._foreach_add_(acc, out)
                 elif flat is None:
@@ -524,8 +527,9 @@ class CurvatureOperator(ParameterOperator):
         attention = (differentiable_attention() if self.derivative is None
                      else self.derivative.attention())
         with attention:
-            return self.sharding.matmat(self._local_matmat, V, self.device,
-                                        self.debug_distributed).to(self.dtype)
+            out = self.sharding.matmat(self._local_matmat, V, self._device,
+                                       self.debug_distributed)
+        return out if out.dtype == self._dtype else out.to(self._dtype)
 
     # -- memory --------------------------------------------------------------------
     _memory_points: tuple[tuple[int, int], ...] = ()

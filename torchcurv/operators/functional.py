@@ -197,21 +197,33 @@ def hvp_double_backward(model, objective, batch, scale, params, blocks):
     m = blocks[0].shape[0]
     loss = objective(model, batch)
     grads = torch.autograd.grad(
-        scaled(loss, scale), params, create_graph=True, allow_unused=True
+        loss * (scale.to(loss.dtype) if isinstance(scale, torch.Tensor) else scale),
+        params, create_graph=True, allow_unused=True
     )
     # A gradient that does not depend on the parameters has a zero Hessian row block.
-    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    # (Plain loops on the one-vector path, which runs once per batch of every matvec: a
+    # comprehension is a frame of its own.)
+    live = []
+    for i, g in enumerate(grads):
+        if g is not None and g.requires_grad:
+            live.append(i)
     if not live:
         return loss, [torch.zeros_like(b) for b in blocks]
-    outputs = [grads[i] for i in live]
+    every = len(live) == len(grads)
+    outputs = grads if every else [grads[i] for i in live]
     if m == 1:
-        vectors = getattr(blocks, "vectors", None) or [b[0] for b in blocks]
+        # a ParameterBlock made by _split_block has its vectors already
+        vectors = getattr(blocks, "_vectors", None) or [b[0] for b in blocks]
         hv = torch.autograd.grad(
-            outputs, params, grad_outputs=[vectors[i] for i in live], allow_unused=True
+            outputs, params, grad_outputs=vectors if every else [vectors[i] for i in live],
+            allow_unused=True
         )
         # parameter-shaped: the operator's walk takes a one-vector block's products
         # without the vector axis (ParameterBlock)
-        return loss, _zeros_if_none(hv, params)
+        for h in hv:
+            if h is None:
+                return loss, _zeros_if_none(hv, params)
+        return loss, list(hv)
     if blocks[0].device.type != "cpu":
         try:
             hv = torch.autograd.grad(

@@ -40,48 +40,66 @@ def preserved(model: nn.Module, params: Sequence[torch.Tensor] = (),
 
 
 class _Preserved:
-    """The block of :func:`preserved`: the snapshot is taken on entry."""
+    """The block of :func:`preserved`: the snapshot (the model's layout, its tensor values,
+    ``.grad`` and ``requires_grad``) is taken on entry and put back on exit."""
 
-    __slots__ = ("guard", "params", "snapshot", "values")
+    __slots__ = ("grads", "guard", "layout", "params", "requires_grad", "tensors", "values")
 
     def __init__(self, guard: ModelGuard, params: Sequence[torch.Tensor]) -> None:
         self.guard = guard
         self.params = params
 
     def __enter__(self) -> None:
-        self.snapshot = self.guard.snapshot()
-        self.values = [(p, p.detach().clone()) for p in self.params]
+        guard = self.guard
+        layout = guard._layout
+        if layout is None or not layout.current():
+            layout = guard._layout = _Layout.of(guard.model)
+        self.layout = layout
+        self.tensors = ([(t, t.detach().clone()) for t in layout.tensors] if layout.tensors
+                        else [])
+        self.grads = list(map(_GRAD, layout.params))
+        self.requires_grad = list(map(_REQUIRES_GRAD, layout.params))
+        self.values = [(p, p.detach().clone()) for p in self.params] if self.params else []
 
     def __exit__(self, *exc: object) -> None:
-        snapshot, values = self.snapshot, self.values
-        del self.snapshot, self.values
-        snapshot.restore()
-        if values:
+        layout = self.layout
+        if not layout.unchanged():
+            layout.restore()
+        if self.tensors:
             with torch.no_grad():
-                for p, value in values:
-                    if not torch.equal(p, value):
-                        p.copy_(value)
+                for t, value in self.tensors:
+                    if (t.shape != value.shape or t.dtype != value.dtype
+                            or not torch.equal(t, value)):
+                        t.data = value
+        params = layout.params
+        if not all(map(is_, map(_GRAD, params), self.grads)):
+            for p, g in zip(params, self.grads):
+                if p.grad is not g:
+                    p.grad = g
+        if list(map(_REQUIRES_GRAD, params)) != self.requires_grad:
+            for p, requires_grad in zip(params, self.requires_grad):
+                if p.requires_grad != requires_grad:
+                    p.requires_grad_(requires_grad)
+        if self.values:
+            with torch.no_grad():
+                for t, value in self.values:
+                    if not torch.equal(t, value):
+                        t.copy_(value)
 
 
 class ModelGuard:
-    """The snapshots of one model, for :func:`preserved`, with its last layout kept.
+    """One model's guard for :func:`preserved`, which keeps the model's last layout.
 
     A layout (the modules, their attribute dicts and registries, the tensors among the
     attributes, the parameters) is immutable once made: products in several threads,
     or nested ones, share it, and one that finds the model changed makes a new one and
-    puts it in place of the old. Until the next snapshot it keeps the objects the model
+    puts it in place of the old. Until the next product it keeps the objects the model
     held at the last one alive (a submodule the caller has since removed, say).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._layout: _Layout | None = None
-
-    def snapshot(self) -> _Snapshot:
-        layout = self._layout
-        if layout is None or not layout.current():
-            layout = self._layout = _Layout.of(self.model)
-        return _Snapshot(layout)
 
 
 class _Layout:
@@ -145,10 +163,13 @@ class _Layout:
         """Whether the model is as this layout found it: the same modules (of the same
         classes, with the same attribute dicts), each dict holding the same objects
         under the same names in the same order, so that a new layout would equal it."""
-        modules = self.modules
+        modules, watched = self.modules, self.watched
         return (all(map(is_, map(type, modules), self.types))
-                and all(map(is_, map(_DICT, modules), self.watched))
-                and self.unchanged())
+                and all(map(is_, map(_DICT, modules), watched))
+                # unchanged(), inline: once per product
+                and list(map(len, watched)) == self.lengths
+                and all(map(is_, chain.from_iterable(map(dict.values, watched)), self.values))
+                and list(chain.from_iterable(watched)) == self.keys)
 
     def unchanged(self) -> bool:
         """Whether every watched dict holds the same objects under the same names, in
@@ -173,39 +194,6 @@ class _Layout:
             for name, value in saved.items():
                 if current.get(name, _MISSING) is not value:
                     current[name] = value
-
-
-class _Snapshot:
-    """A layout with the tensor values and parameter ``.grad`` / ``requires_grad`` of
-    one moment, and how to put them back."""
-
-    __slots__ = ("grads", "layout", "requires_grad", "tensors")
-
-    def __init__(self, layout: _Layout) -> None:
-        self.layout = layout
-        self.tensors = [(t, t.detach().clone()) for t in layout.tensors]
-        self.grads = list(map(_GRAD, layout.params))
-        self.requires_grad = list(map(_REQUIRES_GRAD, layout.params))
-
-    def restore(self) -> None:
-        layout = self.layout
-        if not layout.unchanged():
-            layout.restore()
-        if self.tensors:
-            with torch.no_grad():
-                for t, value in self.tensors:
-                    if (t.shape != value.shape or t.dtype != value.dtype
-                            or not torch.equal(t, value)):
-                        t.data = value
-        params = layout.params
-        if not all(map(is_, map(_GRAD, params), self.grads)):
-            for p, g in zip(params, self.grads):
-                if p.grad is not g:
-                    p.grad = g
-        if list(map(_REQUIRES_GRAD, params)) != self.requires_grad:
-            for p, requires_grad in zip(params, self.requires_grad):
-                if p.requires_grad != requires_grad:
-                    p.requires_grad_(requires_grad)
 
 
 def _same(current: dict, saved: dict) -> bool:
