@@ -81,12 +81,15 @@ def _math_only() -> Callable[[], None]:
         def leave() -> None:
             block.__exit__(None, None, None)
         return leave
-    before = [get() for get, _, _ in _FLAGS]
-    for _, set_flag, is_math in _FLAGS:
-        set_flag(is_math)
+    before = []
+    for get, set_flag, is_math in _FLAGS:
+        on = get()
+        before.append((set_flag, on))
+        if on != is_math:
+            set_flag(is_math)
 
     def restore() -> None:
-        for (_, set_flag, _), on in zip(_FLAGS, before):
+        for set_flag, on in before:
             set_flag(on)
     return restore
 
