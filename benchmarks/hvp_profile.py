@@ -106,8 +106,8 @@ def bench(name: str, device: torch.device, rounds: int) -> None:
             hv = torch.autograd.grad(g, params, grad_outputs=vs)
             total.add_(torch.cat([h.reshape(-1) for h in hv]))
 
-    def guard():
-        with preserved(model):
+    def guard():  # as products run it: with the operator's guard, which keeps the layout
+        with preserved(model, guard=H._guard):
             pass
 
     # The engine without autograd: the walk over the data with each batch's product

@@ -171,3 +171,54 @@ def test_guard_restores_tensor_attributes_when_its_type_cache_is_full(monkeypatc
             model.steps.add_(1.0)
         assert torch.equal(model.steps, torch.zeros(3))
         assert len(model_guard._TENSOR_TYPES) <= 2
+
+
+def test_guard_follows_a_model_changed_between_products():
+    # A guard keeps the layout of the model it saw last: changes made between products
+    # (a submodule swapped, a buffer registered, .grad set, an attribute renamed) are
+    # what the next product gives back, and what a forward changes is undone.
+    from torchcurv.operators.model_guard import ModelGuard, preserved
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    guard = ModelGuard(model)
+    with preserved(model, guard=guard):
+        model.extra = 1
+    assert not hasattr(model, "extra")
+    relu = nn.ReLU()
+    model[1] = relu
+    model.register_buffer("steps", torch.zeros(3))
+    model[0].weight.grad = torch.ones(4, 3)
+    model.note = "kept"
+    for _ in range(2):
+        with preserved(model, guard=guard):
+            model.steps.add_(1.0)
+            model[1] = nn.Tanh()
+            model.foo = 2
+            model[0].weight.grad = None
+            del model.note
+            model.renamed = "kept"
+        assert model[1] is relu
+        assert torch.equal(model.steps, torch.zeros(3))
+        assert not hasattr(model, "foo") and not hasattr(model, "renamed")
+        assert model.note == "kept"
+        assert torch.equal(model[0].weight.grad, torch.ones(4, 3))
+    del model.note
+    model.renamed = "kept"
+    with preserved(model, guard=guard):
+        del model.renamed
+    assert model.renamed == "kept" and not hasattr(model, "note")
+
+
+def test_products_give_back_a_model_changed_between_them():
+    model, criterion, data = case("mlp_tanh", "ce")
+    H = torchcurv.HessianOperator(model, criterion, data)
+    v = torch.randn(H.n, dtype=torch.float64)
+    first = H @ v
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    model.train()
+    model.tag = "between"
+    before = snapshot(model)
+    assert torch.equal(H @ v, first)
+    assert_unchanged(model, before)
+    assert model.tag == "between"

@@ -100,3 +100,36 @@ def _tensor_fingerprint(batch: torch.Tensor) -> tuple:
 def shapes(batch: Batch) -> Any:
     """The shapes of a batch's tensors, nested like the batch: known without a kernel."""
     return map_batch(lambda t: tuple(t.shape), batch, leaf=lambda _: (), rebuild=False)
+
+
+def placed(batch: Batch, device: torch.device) -> tuple[Batch, Any]:
+    """``(to_device(batch, device), shapes(batch))``, in one pass without closures for the
+    usual batches (a tuple or list of tensors, a plain dict of them), which every
+    product walks once per batch."""
+    # plain loops: a generator expression or comprehension is a frame of its own
+    kind = type(batch)
+    if kind is tuple or kind is list:
+        layout = []
+        here = True
+        for t in batch:
+            if type(t) is not torch.Tensor:
+                break
+            layout.append(tuple(t.shape))
+            if here and t.device != device:
+                here = False
+        else:
+            if here:
+                return (batch if kind is tuple else list(batch)), tuple(layout)
+            moved = [t if t.device == device else t.to(device, non_blocking=True)
+                     for t in batch]
+            return (tuple(moved) if kind is tuple else moved), tuple(layout)
+    elif kind is dict:
+        placed_items = {}
+        for k, t in batch.items():
+            if type(t) is not torch.Tensor:
+                break
+            placed_items[k] = t if t.device == device else t.to(device, non_blocking=True)
+        else:
+            return placed_items, tuple([(k, tuple(batch[k].shape)) for k in sorted(batch)])
+    moved = to_device(batch, device)
+    return moved, shapes(moved)

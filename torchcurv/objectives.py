@@ -69,7 +69,15 @@ class Objective:
             self.loss = _ScalarLoss(self.loss)
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return self.loss(self.forward(model, batch), batch)
+        loss = self.loss
+        if type(loss) is _ScalarLoss and loss.fn is _identity:
+            # from_loss_fn's objective: its forward is the loss (one frame per batch
+            # instead of three)
+            value = self.forward(model, batch)
+            if isinstance(value, torch.Tensor) and value.ndim != 0:
+                _scalar(value)
+            return value
+        return loss(self.forward(model, batch), batch)
 
     def batch_weight(self, batch: Batch) -> torch.Tensor | float:
         """The batch's share of the data set's loss before normalisation."""
@@ -102,15 +110,7 @@ class _ScalarLoss:
         self.fn = fn
 
     def __call__(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
-        loss = self.fn(output, batch)
-        if isinstance(loss, torch.Tensor) and loss.ndim != 0:
-            raise ValueError(
-                f"the loss returned a tensor of shape {tuple(loss.shape)}, not a scalar; a "
-                "curvature matrix needs the batch's loss reduced to one number: use a "
-                "criterion with reduction='mean' or 'sum', or end the loss function with "
-                ".mean() / .sum()"
-            )
-        return loss
+        return _scalar(self.fn(output, batch))
 
     # the wrapper is invisible: Objectives compare and print as the function they hold
     def __eq__(self, other: object) -> bool:
@@ -121,6 +121,37 @@ class _ScalarLoss:
 
     def __repr__(self) -> str:
         return repr(self.fn)
+
+
+def _scalar(loss: torch.Tensor) -> torch.Tensor:
+    if isinstance(loss, torch.Tensor) and loss.ndim != 0:
+        raise ValueError(
+            f"the loss returned a tensor of shape {tuple(loss.shape)}, not a scalar; a "
+            "curvature matrix needs the batch's loss reduced to one number: use a "
+            "criterion with reduction='mean' or 'sum', or end the loss function with "
+            ".mean() / .sum()"
+        )
+    return loss
+
+
+class _Supervised(Objective):
+    """:func:`supervised`'s objective, whose call is ``forward`` then ``loss`` in one frame
+    while both are still its own (every product calls it once per batch); a copy made
+    by ``dataclasses.replace``, or one whose ``forward`` or ``loss`` was set anew, calls
+    them as any objective does."""
+
+    _own: tuple[Any, nn.Module] | None = None  # (its loss, the criterion that loss calls)
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        own = self._own
+        if own is None or self.loss is not own[0] or self.forward is not _forward_x:
+            return super().__call__(model, batch)
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            _check_pair(batch)
+        loss = own[1](model(batch[0]), batch[1])
+        if isinstance(loss, torch.Tensor) and loss.ndim != 0:
+            _scalar(loss)
+        return loss
 
 
 def has_separate_output(objective: Objective) -> bool:
@@ -148,7 +179,7 @@ def supervised(criterion: nn.Module) -> Objective:
     if reduction == "mean":
         weight = _loss_term_counter(criterion)
 
-    return Objective(
+    objective = _Supervised(
         forward=_forward_x,
         loss=lambda output, batch: criterion(output, _targets(batch)),
         reduction=reduction,
@@ -156,6 +187,8 @@ def supervised(criterion: nn.Module) -> Objective:
         criterion=criterion,
         targets=_targets,
     )
+    objective._own = (objective.loss, criterion)
+    return objective
 
 
 def _forward_x(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torchcurv.operators.functional import (
     finite_difference_step,
     forward_over_reverse_kernel,
     gradient_kernel,
+    hvp_double_backward,
 )
 from torchcurv.operators.model_guard import preserved
 
@@ -52,6 +53,8 @@ class _PerBatch(HessianStrategy):
     def local_matmat(self, op, V):
         # The whole product under the transforms lock for torch.func, not only its
         # transforms (see Strategy.serialised).
+        if not self.needs_forward_mode:
+            return op._walk_batches(V, self.batch_matmat)
         with self.serialised():
             return op._walk_batches(V, self.batch_matmat)
 
@@ -72,6 +75,9 @@ class DoubleBackward(_PerBatch):
     name = "autograd"
     needs_second_order = True
     forward_over_reverse = False
+
+    def batch_matmat(self, op, batch, scale, blocks):
+        return hvp_double_backward(op.model, op.objective, batch, scale, op.params, blocks)
 
 
 class ForwardOverReverse(_PerBatch):
@@ -123,7 +129,7 @@ class FiniteDifferenceHessian(HessianStrategy):
                 return kernel(kernel.bound, batch, scale, op.param_names, op.params)
         # preserved gives the model back (grads, buffers, attributes); the parameters are
         # restored from `origin`, the one copy, after every vector and on any exit.
-        with sharding.perturbing(op.model), preserved(op.model):
+        with sharding.perturbing(op.model), preserved(op.model, guard=op._guard):
             origin = [p.detach().clone() for p in op.params]
             try:
                 theta_norm = sharding.norm(origin, op.device)

@@ -26,8 +26,8 @@ second-order products; load such models with ``attn_implementation="eager"`` or 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Literal, get_args
 
 import torch
@@ -81,12 +81,15 @@ def _math_only() -> Callable[[], None]:
         def leave() -> None:
             block.__exit__(None, None, None)
         return leave
-    before = [get() for get, _, _ in _FLAGS]
-    for _, set_flag, is_math in _FLAGS:
-        set_flag(is_math)
+    before = []
+    for get, set_flag, is_math in _FLAGS:
+        on = get()
+        before.append((set_flag, on))
+        if on != is_math:
+            set_flag(is_math)
 
     def restore() -> None:
-        for (_, set_flag, _), on in zip(_FLAGS, before):
+        for set_flag, on in before:
             set_flag(on)
     return restore
 
@@ -117,8 +120,8 @@ def _kernel_may_apply() -> bool:
     return triton_installed() and (torch.cuda.is_available() or triton_interpreter_active())
 
 
-@contextmanager
-def differentiable_attention(order: AttentionOrder = "second") -> Iterator[None]:
+def differentiable_attention(order: AttentionOrder = "second"
+                            ) -> AbstractContextManager[None]:
     """Restrict SDPA to its math backend inside the block; restore the caller's choice after.
 
     ``order="second"``: products may differentiate attention twice in reverse mode (the
@@ -141,25 +144,58 @@ def differentiable_attention(order: AttentionOrder = "second") -> Iterator[None]
 
     The math backend materialises the ``(B, heads, T, T)`` attention matrix, so attention
     memory during a product grows as ``T^2`` where a fused kernel would use ``O(T)``.
+
+    A context manager object rather than a generator's: every product enters it, and a
+    generator-based one costs several times as much.
     """
-    global _DEPTH
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    with _LOCK:
-        if _DEPTH == 0:
-            _ACTIVE.append(_math_only())
-        _DEPTH += 1
-    orders = _thread_orders()
-    orders.append(order)
-    try:
+    return _Restriction(order)
+
+
+class _Restriction:
+    """The block of :func:`differentiable_attention` (``order`` is checked on entry)."""
+
+    __slots__ = ("flash", "order")
+
+    def __init__(self, order: AttentionOrder) -> None:
+        self.order = order
+        self.flash: _FlashSdpa | None = None
+
+    def __enter__(self) -> None:
+        global _DEPTH
+        order = self.order
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        with _LOCK:
+            if _DEPTH == 0:
+                _ACTIVE.append(_math_only())
+            _DEPTH += 1
+        try:
+            _ORDERS.stack.append(order)
+        except AttributeError:
+            _thread_orders().append(order)
         if order == "jvp" and _kernel_may_apply():
-            with _FlashSdpa():
-                yield
-        else:
-            yield
-    finally:
-        orders.pop()
+            try:
+                flash = _FlashSdpa()
+                flash.__enter__()
+            except BaseException:
+                self._leave()
+                raise
+            self.flash = flash
+
+    def __exit__(self, *exc: Any) -> None:
+        flash, self.flash = self.flash, None
+        try:
+            if flash is not None:
+                flash.__exit__(*exc)
+        finally:
+            self._leave()
+
+    @staticmethod
+    def _leave() -> None:
+        global _DEPTH
+        _ORDERS.stack.pop()
         with _LOCK:
             _DEPTH -= 1
             if _DEPTH == 0:
                 _ACTIVE.pop()()
+

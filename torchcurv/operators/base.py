@@ -10,6 +10,7 @@ once.
 
 from __future__ import annotations
 
+import cmath
 from collections.abc import Sequence
 
 import torch
@@ -178,7 +179,7 @@ def _check_finite(block: torch.Tensor, one: bool) -> None:
     product would otherwise return NaN, or blame the loss)."""
     # the one host sync per product: a sum is finite only if every entry is (a sum that
     # overflows goes on to the entrywise check, which clears it)
-    if bool(torch.isfinite(block.sum())) or bool(torch.isfinite(block).all()):
+    if cmath.isfinite(block.sum().item()) or bool(torch.isfinite(block).all()):
         return
     bad = (~torch.isfinite(block)).sum(dim=0)
     columns = bad.nonzero().flatten().tolist()
@@ -221,6 +222,22 @@ class ParameterOperator(LinearOperator):
         self._shapes = [p.shape for p in params]
         self._sizes = [p.numel() for p in params]
         super().__init__(sum(self._sizes), params[0].dtype, params[0].device)
+        # Shape-only meta tensors, from which torch cuts all of a vector's parameter views
+        # in one call instead of a split and a view per parameter: a model with many
+        # parameter tensors paid those on every product. A zero-size parameter would come
+        # back shaped (0,), so such models keep the per-parameter views.
+        self._view_plans: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        if all(self._sizes):
+            self._view_plans = ([torch.empty(s, device="meta") for s in self._shapes],
+                                [torch.empty((1, *s), device="meta") for s in self._shapes])
+
+    def _param_views(self, flat: torch.Tensor, row: bool = False) -> list[torch.Tensor]:
+        """Views of the ``(n,)`` tensor ``flat`` shaped like the parameters (``(1, *shape)``
+        with ``row``), as ``split`` and ``view`` give them."""
+        if self._view_plans is None:
+            return [c.view((1, *s) if row else s) for c, s in zip(flat.split(self._sizes),
+                                                                  self._shapes)]
+        return list(torch._C._nn.unflatten_dense_tensors(flat, self._view_plans[row]))
 
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Concatenate parameter-shaped tensors into one ``(n,)`` vector."""
@@ -239,7 +256,7 @@ class ParameterOperator(LinearOperator):
         v = self._check_input(v)
         if v.ndim != 1:
             raise OperatorInputError(f"unflatten takes shape ({self._n},), got {tuple(v.shape)}")
-        return [c.view(s) for c, s in zip(v.split(self._sizes), self._shapes)]
+        return self._param_views(v)
 
     def matvec_params(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``A @ v`` in the parameter-shaped form: a list shaped like the parameters."""
@@ -249,9 +266,15 @@ class ParameterOperator(LinearOperator):
         """Split ``(n, m)`` into per-parameter blocks of shape ``(m, *param.shape)``."""
         m = V.shape[1]
         if m == 1:
-            vectors = [c.reshape(s) for c, s in zip(V[:, 0].split(self._sizes), self._shapes)]
-            block = ParameterBlock(v.unsqueeze(0) for v in vectors)
-            block._vectors = vectors
+            # a column of a 2-D tensor is 1-D, so each piece views as any shape
+            flat = V[:, 0]
+            if self._view_plans is None:
+                block = ParameterBlock(self._param_views(flat, row=True))
+                block._vectors = self._param_views(flat)
+            else:  # _param_views, inline: once per product
+                vectors, rows = self._view_plans
+                block = ParameterBlock(torch._C._nn.unflatten_dense_tensors(flat, rows))
+                block._vectors = list(torch._C._nn.unflatten_dense_tensors(flat, vectors))
             return block
         return ParameterBlock(
             c.T.reshape(m, *s) for c, s in zip(V.split(self._sizes, dim=0), self._shapes)

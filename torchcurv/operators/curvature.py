@@ -9,6 +9,7 @@ data set's loss, summed; the loss checked for NaN/inf; the model given back unto
 
 from __future__ import annotations
 
+import cmath
 import contextlib
 import inspect
 import warnings
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from typing_extensions import Self, Unpack
 
-from torchcurv.data import check_reiterable, fingerprint, iterate, shapes
+from torchcurv.data import check_reiterable, fingerprint, iterate, placed, shapes
 from torchcurv.distributed.sharding import sharding_for
 from torchcurv.dtypes import accumulation_dtype
 from torchcurv.errors import DataChangedError, NondeterminismError, NonFiniteLossError
@@ -34,7 +35,7 @@ from torchcurv.operators.microbatch import (
     refuse_batch_coupling,
     split_batch,
 )
-from torchcurv.operators.model_guard import preserved
+from torchcurv.operators.model_guard import ModelGuard, preserved
 from torchcurv.operators.params import select_parameters
 
 if TYPE_CHECKING:
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 Batch = Any
 BatchMatmat = Callable[["CurvatureOperator", Batch, "torch.Tensor | float", list[torch.Tensor]],
                        tuple[torch.Tensor, list[torch.Tensor]]]
+
+# stateless, so one serves every product without recorded graphs
+_UNLOCKED = contextlib.nullcontext()
 
 _RANDOM_IN_TRAIN_MODE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                          nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -111,6 +115,7 @@ class CurvatureOperator(ParameterOperator):
         # construction makes the others raise at once instead of at the group's timeout.
         with self._stage(None):
             self.model = model
+            self._guard = ModelGuard(model)
             self.objective = as_objective(config.criterion)
             self.param_names, self.params = select_parameters(
                 model, config.params, config.param_filter)
@@ -125,6 +130,9 @@ class CurvatureOperator(ParameterOperator):
             if microbatch_size is not None:
                 self._check_splittable()
         self._graphs = self._recorder(config.cuda_graphs)
+        # On the CPU a foreach add is one add per tensor: a one-vector product adds each
+        # batch in as one flattened tensor instead (two kernels, whatever the model)
+        self._flat_adds = self.device.type == "cpu"
         self._rank = self.sharding.rank()
         self.sharding.check_parameters(type(self).__name__, self.param_names, self.params)
         # per batch, the loss-term counts of its pieces (one piece without microbatching)
@@ -377,15 +385,24 @@ class CurvatureOperator(ParameterOperator):
         """
         cached = self._batch_weights
         expected = self.batch_counts[self._rank]
+        layouts, device, total = self._batch_shapes, self._device, self.total_weight
+        # the usual walk, decided once: whole batches of a 'mean' loss, counts cached
+        counted = (cached is not None and self.microbatch_size is None
+                   and self.objective.reduction == "mean")
         seen: list[torch.Tensor | float] = []
         count = 0
-        for i, batch in enumerate(iterate(self.data, self.device)):
+        for i, raw in enumerate(self.data):
             count = i + 1
             if count > expected:
                 raise self._data_changed(f"more than the {expected} batches")
-            if shapes(batch) != self._batch_shapes[i]:
+            batch, layout = placed(raw, device)
+            if layout != layouts[i]:
                 raise self._data_changed(
-                    f"batch {i} with shapes {shapes(batch)}, not {self._batch_shapes[i]}")
+                    f"batch {i} with shapes {layout}, not {layouts[i]}")
+            if counted:
+                assert cached is not None
+                yield i, batch, cached[i][0] / total
+                continue
             pieces = self._pieces(batch)
             if self.objective.reduction == "sum":
                 seen.append(self.objective.batch_weight(batch))
@@ -447,19 +464,18 @@ class CurvatureOperator(ParameterOperator):
         dtype = accumulation_dtype(V.dtype)
         # Accumulators shaped like the batch products, contiguous, so that each batch adds
         # in with one foreach call (fused on CUDA: same shapes and strides). One vector:
-        # parameter-shaped views of one flat result, which kernels may answer without the
-        # vector axis; a block: one (m, *shape) tensor per parameter, joined at the end.
-        if m == 1:
-            flat = torch.zeros(self.n, dtype=dtype, device=V.device)
-            into_vectors: list[torch.Tensor] | None = [
-                c.view(s) for c, s in zip(flat.split(self._sizes), self._shapes)]
-            acc: list[torch.Tensor] | None = None  # (1, *shape) views, made if a kernel needs
-        else:
-            into_vectors = None
+        # one flat result that starts as the first batch's products, flattened (no zero
+        # fill, no first add), and later batches add into parameter-shaped views of it,
+        # with or without the vector axis as their kernels answer; a block: one
+        # (m, *shape) tensor per parameter, joined at the end.
+        flat: torch.Tensor | None = None
+        views: dict[bool, list[torch.Tensor]] = {}
+        acc: list[torch.Tensor] | None = None
+        if m > 1:
             acc = [torch.zeros((m, *s), dtype=dtype, device=V.device) for s in self._shapes]
         losses = BatchLosses()
         graphs = self._graphs
-        with preserved(self.model), graphs.lock if graphs else contextlib.nullcontext():
+        with preserved(self.model, guard=self._guard), graphs.lock if graphs else _UNLOCKED:
             # a recorded graph reads the vectors from its own buffer
             blocks = self._split_block(V) if graphs is None else graphs.start(V)
             for position, (i, batch, scale) in enumerate(self._batches()):
@@ -471,15 +487,25 @@ class CurvatureOperator(ParameterOperator):
                     loss, out = graphs.run(
                         position, batch, scale, blocks,
                         lambda batch, scale, blocks: batch_matmat(self, batch, scale, blocks))
-                losses.add(i, loss)
-                if into_vectors is not None and out[0].dim() == len(self._shapes[0]):
-                    torch._foreach_add_(into_vectors, out)
-                    continue
-                if acc is None:
-                    assert into_vectors is not None
-                    acc = [a.unsqueeze(0) for a in into_vectors]
-                torch._foreach_add_(acc, out)
+                # BatchLosses.add, inline: this loop runs once per batch of every product
+                value = loss.detach()
+                losses.values.append(value if value.dim() == 0 else value.reshape(()))
+                losses.batch_index.append(i)
+                if acc is not None:
+                    torch._foreach_add_(acc, out)
+                elif flat is None:
+                    flat = torch._C._nn.flatten_dense_tensors(out).to(dtype)
+                elif self._flat_adds:
+                    flat.add_(torch._C._nn.flatten_dense_tensors(out))
+                else:
+                    row = out[0].dim() != len(self._shapes[0])
+                    into = views.get(row)
+                    if into is None:
+                        into = views[row] = self._param_views(flat, row=row)
+                    torch._foreach_add_(into, out)
         if m == 1:
+            if flat is None:  # no batch on this rank
+                flat = torch.zeros(self.n, dtype=dtype, device=V.device)
             return flat.unsqueeze(1), losses
         assert acc is not None
         return self._join_block(acc), losses
@@ -501,8 +527,9 @@ class CurvatureOperator(ParameterOperator):
         attention = (differentiable_attention() if self.derivative is None
                      else self.derivative.attention())
         with attention:
-            return self.sharding.matmat(self._local_matmat, V, self.device,
-                                        self.debug_distributed).to(self.dtype)
+            out = self.sharding.matmat(self._local_matmat, V, self._device,
+                                       self.debug_distributed)
+        return out if out.dtype == self._dtype else out.to(self._dtype)
 
     # -- memory --------------------------------------------------------------------
     _memory_points: tuple[tuple[int, int], ...] = ()
@@ -633,13 +660,20 @@ class BatchLosses:
         self.batch_index: list[int] = []
 
     def add(self, index: int, loss: torch.Tensor) -> None:
-        self.values.append(loss.detach().reshape(()))
+        value = loss.detach()
+        self.values.append(value if value.dim() == 0 else value.reshape(()))
         self.batch_index.append(index)
 
     def _bad(self) -> list[int]:
-        if not self.values:
+        values = self.values
+        if not values:
             return []
-        finite = torch.isfinite(torch.stack(self.values).float())
+        # the one host sync: a sum is finite only if every loss is (a sum that overflows
+        # goes on to the loss-by-loss check, which clears it)
+        total = values[0] if len(values) == 1 else torch.stack(values).sum()
+        if cmath.isfinite(total.item()):
+            return []
+        finite = torch.isfinite(torch.stack(values).float())
         return [j for j, ok in enumerate(finite.tolist()) if not ok]
 
     def nonfinite_batches(self) -> list[int]:

@@ -184,49 +184,66 @@ def batched_hvp(
                 "construct the operator with method='autograd' (double backward)"):
             return (compiled or forward_over_reverse_kernel)(bound, batch, scale, names,
                                                              params, blocks)
-    return _hvp_double_backward(model, objective, batch, scale, params, blocks)
+    return hvp_double_backward(model, objective, batch, scale, params, blocks)
 
 
-def _hvp_double_backward(model, objective, batch, scale, params, blocks):
+def hvp_double_backward(model, objective, batch, scale, params, blocks):
+    """:func:`batched_hvp` by double backward (``forward_over_reverse=False``)."""
+    if not torch.is_grad_enabled():
+        # entered only where needed: a grad-mode block costs a measurable part of a
+        # small batch's product
+        with torch.enable_grad():
+            return hvp_double_backward(model, objective, batch, scale, params, blocks)
     m = blocks[0].shape[0]
-    with torch.enable_grad():
-        loss = objective(model, batch)
-        grads = torch.autograd.grad(
-            scaled(loss, scale), params, create_graph=True, allow_unused=True
+    loss = objective(model, batch)
+    grads = torch.autograd.grad(
+        loss * (scale.to(loss.dtype) if isinstance(scale, torch.Tensor) else scale),
+        params, create_graph=True, allow_unused=True
+    )
+    # A gradient that does not depend on the parameters has a zero Hessian row block.
+    # (Plain loops on the one-vector path, which runs once per batch of every matvec: a
+    # comprehension is a frame of its own.)
+    live = []
+    for i, g in enumerate(grads):
+        if g is not None and g.requires_grad:
+            live.append(i)
+    if not live:
+        return loss, [torch.zeros_like(b) for b in blocks]
+    every = len(live) == len(grads)
+    outputs = grads if every else [grads[i] for i in live]
+    if m == 1:
+        # a ParameterBlock made by _split_block has its vectors already
+        vectors = getattr(blocks, "_vectors", None) or [b[0] for b in blocks]
+        hv = torch.autograd.grad(
+            outputs, params, grad_outputs=vectors if every else [vectors[i] for i in live],
+            allow_unused=True
         )
-        # A gradient that does not depend on the parameters has a zero Hessian row block.
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        if not live:
-            return loss, [torch.zeros_like(b) for b in blocks]
-        outputs = [grads[i] for i in live]
-        if m == 1:
-            vectors = getattr(blocks, "vectors", None) or [b[0] for b in blocks]
+        # parameter-shaped: the operator's walk takes a one-vector block's products
+        # without the vector axis (ParameterBlock)
+        for h in hv:
+            if h is None:
+                return loss, _zeros_if_none(hv, params)
+        return loss, list(hv)
+    if blocks[0].device.type != "cpu":
+        try:
             hv = torch.autograd.grad(
-                outputs, params, grad_outputs=[vectors[i] for i in live], allow_unused=True
+                outputs, params, grad_outputs=[blocks[i] for i in live],
+                allow_unused=True, is_grads_batched=True, retain_graph=True,
             )
-            # parameter-shaped: the operator's walk takes a one-vector block's products
-            # without the vector axis (ParameterBlock)
-            return loss, _zeros_if_none(hv, params)
-        if blocks[0].device.type != "cpu":
-            try:
-                hv = torch.autograd.grad(
-                    outputs, params, grad_outputs=[blocks[i] for i in live],
-                    allow_unused=True, is_grads_batched=True, retain_graph=True,
-                )
-                return loss, _zeros_if_none(hv, params, (m,))
-            except RuntimeError:
-                pass  # some backward formulas have no batching rule
-        # One second backward per vector through the shared first-order graph. On the CPU
-        # this is also faster than the vmapped backward (116 vs 133 ms per vector,
-        # benchmarks/cpu_hessian_block.py, one thread, torch 2.13).
-        cols = []
-        for j in range(m):
-            hv = torch.autograd.grad(
-                outputs, params, grad_outputs=[blocks[i][j] for i in live],
-                allow_unused=True, retain_graph=j < m - 1,
-            )
-            cols.append(_zeros_if_none(hv, params))
-        return loss, [torch.stack(c) for c in zip(*cols)]
+            return loss, _zeros_if_none(hv, params, (m,))
+        except RuntimeError:
+            pass  # some backward formulas have no batching rule
+    # One second backward per vector through the shared first-order graph. On the CPU
+    # this is also faster than the vmapped backward (116 vs 133 ms per vector,
+    # benchmarks/cpu_hessian_block.py, one thread, torch 2.13).
+    cols = []
+    for j in range(m):
+        hv = torch.autograd.grad(
+            outputs, params, grad_outputs=[blocks[i][j] for i in live],
+            allow_unused=True, retain_graph=j < m - 1,
+        )
+        cols.append(_zeros_if_none(hv, params))
+    return loss, [torch.stack(c) for c in zip(*cols)]
 
 
 class BoundCall(nn.Module):

@@ -120,7 +120,7 @@ class JacobianOperator(RectangularOperator):
         blocks = g._split_block(V)
         m = V.shape[1]
         pieces = []
-        with strategy.attention(), strategy.serialised(), preserved(g.model):
+        with strategy.attention(), strategy.serialised(), preserved(g.model, guard=g._guard):
             for i, batch, _ in g._batches():
                 g._enter_batch(product, i)
                 _, jv = strategy.jacobian_block(g, batch, blocks, product)
@@ -133,7 +133,7 @@ class JacobianOperator(RectangularOperator):
         total = torch.zeros(g.n, m, dtype=accumulation_dtype(W.dtype), device=W.device)
         rows = W.split(self._sizes, dim=0)
         # first order (one forward with graph, one backward): default SDPA backends
-        with preserved(g.model):
+        with preserved(g.model, guard=g._guard):
             for i, batch, _ in g._batches():
                 output = self._checked(i, forward_with_graph(g.model, g.objective, batch))
                 cotangents = rows[i].T.reshape(m, *output.shape).to(output.dtype)

@@ -428,7 +428,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         rng = None if self.per_batch_seeds else self.fresh_generator()
         current = None
         with ExitStack() as stack, torch.enable_grad():
-            stack.enter_context(preserved(self.model))
+            stack.enter_context(preserved(self.model, guard=self._guard))
             for layer in self._layers:
                 stack.callback(layer.module.register_forward_pre_hook(pre_hook(layer)).remove)
                 stack.callback(layer.module.register_forward_hook(post_hook(layer)).remove)
