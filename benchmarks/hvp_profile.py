@@ -22,29 +22,20 @@ import statistics
 import time
 
 import torch
-from common import emit, gpt2_problem, lm_objective, machine, mlp_problem, sync, write_to
+from common import (
+    emit,
+    gpt2_problem,
+    lm_objective,
+    machine,
+    mlp_problem,
+    op_counts,
+    sync,
+    write_to,
+)
 from torch import nn
 
 import torchcurv
 from torchcurv.operators.model_guard import preserved
-
-
-def counts(fn, device: torch.device) -> dict:
-    """Aten operators and kernel launches of one call of ``fn``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
-                                           else [])
-    fn()
-    sync(device)
-    with profile(activities=activities) as p:
-        fn()
-        sync(device)
-    events = p.key_averages()
-    launches = sum(e.count for e in events
-                   if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    return dict(aten_ops=sum(e.count for e in events if e.key.startswith("aten::")),
-                launches=launches)
 
 
 def interleaved(fns: list[tuple[str, object]], device: torch.device, rounds: int) -> dict:
@@ -151,7 +142,7 @@ def bench(name: str, device: torch.device, rounds: int) -> None:
                    ratio_to_grad=t[k] / t["gradient"], rounds=rounds)
         if k not in ("model_guard", "engine_walk_without_products",
                      "engine_matvec_without_walk"):
-            row.update(counts(f, device))
+            row.update(op_counts(f, device))
         emit(**row)
 
 
