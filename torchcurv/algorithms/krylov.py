@@ -131,7 +131,12 @@ def _allocate_basis(shape: tuple[int, int, int], dtype: torch.dtype,
 
 
 def _host_memory_bytes() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Physical host memory; 0 (so nothing is pinned) where the OS does not say
+    (``os.sysconf`` is POSIX-only)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 class KrylovBasis:
