@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -325,6 +326,7 @@ def torchcurv_products(rows: Rows, model, batches, k: int) -> dict[str, dict]:
         def run(name=name):
             op = operator(name, model, batches)
             v = torch.randn(op.n, device=rows.device, dtype=op.dtype)
+            resident_one = gpu_allocated(rows.device)
             one = rows.product("torchcurv", name, lambda op=op, v=v: op @ v)
             del v  # not resident while the block runs
             V = torch.randn(op.n, k, device=rows.device, dtype=op.dtype)
@@ -332,7 +334,7 @@ def torchcurv_products(rows: Rows, model, batches, k: int) -> dict[str, dict]:
             block = rows.once("torchcurv", f"{name}/block{k}", lambda op=op, V=V: op @ V)
             measured[name] = {"seconds": one["seconds"], "peak_gib": one["peak_gib"],
                               "block_peak_gib": block["peak_gib"]}
-            memory_prediction(rows, name, op, one, block, resident, k)
+            memory_prediction(rows, name, op, one, block, resident_one, resident, k)
 
         rows.guard("torchcurv", name, run)
     return measured
@@ -343,24 +345,27 @@ def gpu_allocated(device: torch.device) -> int | None:
 
 
 def memory_prediction(rows: Rows, name: str, op, one: dict, block: dict,
-                      resident: int | None, k: int) -> None:
+                      resident_one: int | None, resident: int | None, k: int) -> None:
     """``op.memory_estimate`` (item 5) against the peaks just measured: one vector, and
     the block of ``k`` when it ran as one product (its budget held the prediction).
 
     The block's own sub-blocks measured the points the estimate comes from, so this costs
     no product. Peaks are absolute (everything resident), the estimate is above what was
-    allocated when the block started: the row adds that back.
+    allocated when its product started: the row adds back what was allocated when the
+    one-vector product started (model, data, the vector) and, for the block, when the
+    block started (its ``k`` vectors too).
     """
-    if resident is None or one["peak_gib"] is None or block["peak_gib"] is None:
+    if (resident is None or resident_one is None or one["peak_gib"] is None
+            or block["peak_gib"] is None):
         return
     gib = 2**30
     est1, estk = op.memory_estimate(1), op.memory_estimate(k)
     whole = any(m == k for m, _ in estk.measured)
-    predicted_one = (resident + est1.bytes) / gib
+    predicted_one = (resident_one + est1.bytes) / gib
     predicted_block = (resident + estk.bytes) / gib
     rows.emit(lib="torchcurv", what=f"{name}/memory_estimate",
               measured_points=[[m, b / gib] for m, b in estk.measured],
-              resident_gib=resident / gib,
+              resident_one_gib=resident_one / gib, resident_gib=resident / gib,
               predicted_one_gib=predicted_one, measured_one_gib=one["peak_gib"],
               one_error=predicted_one / one["peak_gib"] - 1,
               predicted_block_gib=predicted_block, measured_block_gib=block["peak_gib"],
@@ -560,9 +565,8 @@ def billion(args, device: torch.device, deadline: float) -> None:
             else None
         top = results.get("hessian")
         figure = Path(args.figures) / f"lm_billion_hessian_density{args.tag}.png"
-        d.plot(figure, eigenvalues=None if top is None else top.eigenvalues,
-               model=f"{rows.ctx['model']} {rows.ctx['dtype']}, random init, Hessian "
-                     f"({plans['slq']['method']})")
+        draw_density(d, figure, None if top is None else top.eigenvalues, rows.ctx,
+                     plans["slq"]["method"])
         mean, err = d.moment(1)
         rows.emit(lib="torchcurv", what="hessian/slq_density", method=plans["slq"]["method"],
                   num_probes=d.num_probes, lanczos_steps=d.nodes.shape[1],
@@ -576,6 +580,31 @@ def billion(args, device: torch.device, deadline: float) -> None:
 
     if "slq" in plans and time.perf_counter() < deadline:
         rows.guard("torchcurv", "hessian/slq_density", density)
+
+
+def draw_density(d, figure: Path, eigenvalues, ctx: dict, method: str) -> None:
+    d.plot(figure, eigenvalues=eigenvalues,
+           model=f"{ctx['model']} {ctx['dtype']}, random init, Hessian ({method})")
+
+
+def redraw(results: Path, figures: Path, tag: str) -> None:
+    """The density picture again from a run's JSON lines (its quadrature rules and the
+    Hessian's top eigenvalues), without a GPU: after a change to how pictures are drawn."""
+    from torchcurv.algorithms.spectral import SpectralDensity, broaden
+
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    slq = next(r for r in rows if r.get("what") == "hessian/slq_density" and "nodes" in r)
+    top = next((r for r in rows if r.get("what") == "hessian/top10" and "eigenvalues" in r
+                and r.get("model") == slq["model"]), None)
+    nodes = torch.tensor(slq["nodes"], dtype=torch.float64)
+    weights = torch.tensor(slq["weights"], dtype=torch.float64)
+    grid, density, sigma = broaden(nodes, weights, sigma=slq["sigma"], linear_width=None)
+    d = SpectralDensity(nodes=nodes, weights=weights, grid=grid, density=density,
+                        sigma=sigma, log_scale=False, linear_width=None, n=slq["nparams"],
+                        num_matvecs=slq["num_matvecs"], wall_time=slq["seconds"])
+    figure = figures / f"lm_billion_hessian_density{tag}.png"
+    draw_density(d, figure, None if top is None else top["eigenvalues"], slq, slq["method"])
+    print(figure)
 
 
 # -- GPT-2 small beside hessian-eigenthings ---------------------------------------------
@@ -749,7 +778,12 @@ def main() -> None:
     ap.add_argument("--figures", default="benchmarks/results", help="folder of the PNG")
     ap.add_argument("--tag", default="", help="suffix of the figure's file name")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    ap.add_argument("--redraw", default=None, metavar="RESULTS.jsonl",
+                    help="only draw the density picture again from a run's results")
     args = ap.parse_args()
+    if args.redraw:
+        redraw(Path(args.redraw), Path(args.figures), args.tag)
+        return
     device = torch.device(args.device or ("cpu" if args.quick else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("lm_billion.py needs a CUDA GPU; --quick runs tiny configs on the CPU")

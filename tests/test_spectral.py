@@ -169,3 +169,27 @@ def test_plot_shows_outliers_of_weight_one_over_n_at_language_model_sizes():
     assert ax.get_xlim()[1] > 200.0
     rug = next(line for line in ax.lines if line.get_label() == "quadrature nodes")
     assert 200.0 in rug.get_xdata().tolist()
+
+
+def test_plot_and_caption_say_when_probes_broke_down():
+    # The 1.1B Hessian's bfloat16 probes broke down after one step: all weight on one
+    # node, 23 Ritz values (reaching the outliers eigsh found) with none. The caption
+    # must say so and the rug must show those values apart from the weighted nodes.
+    from torchcurv.algorithms.spectral import SpectralDensity, broaden
+
+    nodes = torch.tensor([[0.0, -200.0, 190.0], [0.1, 1.0, 2.0]], dtype=torch.float64)
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.25, 0.25]], dtype=torch.float64)
+    grid, density, sigma = broaden(nodes, weights, sigma=2.0, linear_width=None)
+    sd = SpectralDensity(nodes=nodes, weights=weights, grid=grid, density=density,
+                         sigma=sigma, log_scale=False, linear_width=None, n=10**9,
+                         num_matvecs=0, wall_time=0.0)
+    assert "weight on 1-3 of 3 nodes per probe" in sd.caption()
+    ax = sd.plot()
+    labels = {line.get_label(): line.get_xdata().tolist() for line in ax.lines}
+    assert sorted(labels["Ritz values after breakdown (no weight)"]) == [-200.0, 190.0]
+    assert 190.0 not in labels["quadrature nodes"]
+    full = SpectralDensity(nodes=nodes[1:], weights=weights[1:], grid=grid, density=density,
+                           sigma=sigma, log_scale=False, linear_width=None, n=10**9,
+                           num_matvecs=0, wall_time=0.0)
+    assert "breakdown" not in full.caption()
+    assert not any("breakdown" in line.get_label() for line in full.plot().lines)

@@ -156,6 +156,14 @@ class SpectralDensity:
             nodes = self.nodes[heavy].numpy()
             ax.plot(nodes, [floor * 2] * len(nodes), "|", color="C3", ms=8, alpha=0.6,
                     label="quadrature nodes")
+            # After a breakdown the later Ritz values still mark where the recurrence
+            # reached (at language-model sizes, the outliers a solver finds), but the
+            # probe's weight on them is not known: drawn apart, so neither is read as
+            # density nor lost.
+            unweighted = self.nodes[self.weights == 0].numpy()
+            if len(unweighted):
+                ax.plot(unweighted, [floor * 2] * len(unweighted), "|", color="0.5", ms=5,
+                        alpha=0.6, label="Ritz values after breakdown (no weight)")
         ax.legend(loc="upper right", frameon=False, fontsize="small")
         ax.set_xlabel("eigenvalue $\\lambda$" + (" (asinh scale)" if self.log_scale else ""))
         unit = "$d\\,\\mathrm{asinh}(\\lambda/w)$" if self.log_scale else "$d\\lambda$"
@@ -166,11 +174,20 @@ class SpectralDensity:
         return finish_plot(ax, path_or_ax)
 
     def caption(self, model: str | None = None) -> str:
-        """What the picture shows, two lines: model and ``n``; probes x steps, width."""
+        """What the picture shows: model and ``n``; probes x steps, width; and, when a
+        probe's rule ended early (a Lanczos breakdown: an invariant subspace, or
+        couplings below the product's rounding noise), how many nodes carry weight."""
         unit = " (asinh units)" if self.log_scale else ""
         head = f"{model}, " if model else ""
-        return (f"{head}n = {self.n}\nSLQ {self.num_probes} probes x "
-                f"{self.nodes.shape[1]} steps, Gaussian width sigma = {self.sigma:.3g}{unit}")
+        steps = self.nodes.shape[1]
+        text = (f"{head}n = {self.n}\nSLQ {self.num_probes} probes x "
+                f"{steps} steps, Gaussian width sigma = {self.sigma:.3g}{unit}")
+        weighted = (self.weights != 0).sum(dim=1)
+        if int(weighted.min()) < steps:
+            lo, hi = int(weighted.min()), int(weighted.max())
+            count = f"{lo}" if lo == hi else f"{lo}-{hi}"
+            text += f"\nweight on {count} of {steps} nodes per probe (Lanczos breakdown)"
+        return text
 
     def __repr__(self) -> str:
         mean, err = self.moment(1)
