@@ -48,6 +48,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
@@ -186,65 +187,73 @@ class _Blocks:
         units: dict[str, list[int]] = {}
         for j, slot in enumerate(slots):
             units.setdefault(slot.layer, []).append(j)
-        self._units = list(units.values())
         starts = [0]
         for size in op._sizes:
             starts.append(starts[-1] + size)
-        grouped: dict[tuple, list[tuple]] = {}
-        # per block: its group, its place there, its columns in its layer's block
-        self._where: list[tuple[tuple, int, int, int]] = []
+        # layers of one group have equal shapes and the same blocks in the same order
+        grouped: dict[tuple, list[list[int]]] = {}
         for js in units.values():
-            L = left[js[0]]
-            d = L.shape[0]
-            rights = [right[j] for j in js]
+            pattern = tuple((slots[j].widths, right[j] is not None) for j in js)
+            grouped.setdefault((left[js[0]].shape[0], pattern), []).append(js)
+        self.groups: list[_Group] = []
+        self._members = list(grouped.values())
+        indices = []
+        for (d, pattern), members in grouped.items():
+            by_block = list(zip(*members))  # per block of the pattern, its slots
+            L = _stacked([left[js[0]] for js in members])
+            widths = [sum(w) for w, _ in pattern]
             R: torch.Tensor | None = None
-            if any(r is not None for r in rights):
-                R = rights[0] if len(js) == 1 else torch.block_diag(*(
-                    r if r is not None else L.new_ones(1, 1) for r in rights))
-            S = None if scale is None else torch.cat([scale[j] for j in js], dim=1)
+            if len(pattern) == 1 and pattern[0][1]:
+                R = _stacked([_present(right[j]) for j in by_block[0]])
+            elif any(has for _, has in pattern):
+                c = sum(widths)
+                R = L.new_zeros(len(members), c, c)
+                col = 0
+                for block, width, (_, has) in zip(by_block, widths, pattern):
+                    square = R[:, col:col + width, col:col + width]
+                    if has:
+                        square.copy_(_stacked([_present(right[j]) for j in block]))
+                    else:  # a bias: no input factor
+                        square.diagonal(dim1=1, dim2=2).fill_(1)
+                    col += width
+            S = None if scale is None else (
+                _stacked([scale[j] for j in by_block[0]]) if len(pattern) == 1 else
+                torch.cat([_stacked([scale[j] for j in js]) for js in by_block], dim=2))
             if R is None and S is not None:
-                L, S = (L * S[:, 0]) @ L.T, None
-            # built on the host: no device work, and one transfer for the whole gather
-            index = torch.cat([
-                torch.arange(starts[i], starts[i] + d * w).view(d, w)
-                for j in js for i, w in zip(slots[j].indices, slots[j].widths)], dim=1)
-            key = (d, None if R is None else R.shape[0], S is not None)
-            members = grouped.setdefault(key, [])
-            col = 0
-            for j in js:
-                width = sum(slots[j].widths)
-                self._where.append((key, len(members), col, col + width))
-                col += width
-            members.append((L, R, S, index))
-
-        def stacked(ts: list) -> torch.Tensor:
-            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
-
-        self.groups = {key: _Group(stacked([u[0] for u in members]),
-                                   None if key[1] is None else stacked([u[1] for u in members]),
-                                   stacked([u[2] for u in members]) if key[2] else None)
-                       for key, members in grouped.items()}
-        perm = torch.cat([u[3].reshape(-1) for members in grouped.values() for u in members])
-        identity = torch.equal(perm, torch.arange(perm.numel()))
-        self.perm = None if identity else perm.to(left[0].device)
+                L, S = torch.bmm(L * S[:, None, :, 0], L.mT), None
+            self.groups.append(_Group(L, R, S))
+            # where each entry of the stacked (k, d, c) blocks sits in the vector: host
+            # bookkeeping (numpy: no tensor operations), one transfer for the whole gather
+            columns = [np.array([starts[slots[j].indices[q]] for j in js])[:, None, None]
+                       + np.arange(d * w).reshape(1, d, w)
+                       for js in by_block for q, w in enumerate(slots[js[0]].widths)]
+            indices.append(np.concatenate(columns, axis=2).reshape(-1))
+        perm = np.concatenate(indices)
+        self.perm = (None if np.array_equal(perm, np.arange(perm.size))
+                     else torch.from_numpy(perm).to(left[0].device))
         self.dtype = left[0].dtype
-        self.sizes = [g.left.shape[0] * g.left.shape[1] * g.block[2]
-                      for g in self.groups.values()]
+        self.sizes = [g.left.shape[0] * g.left.shape[1] * g.block[2] for g in self.groups]
 
     def slot_views(self, slots: Sequence[_Slot]) -> tuple[list[torch.Tensor],
                                                           list[torch.Tensor | None]]:
         """Per block (``slots``, the ones this was built from) ``left`` and ``right`` as
         views of the stacks (``right`` ``None`` for a bias alone; blocks of one layer
         share one ``left`` tensor), so that a caller need not keep a second copy."""
-        order = [j for js in self._units for j in js]
-        lefts: dict[tuple, torch.Tensor] = {}
         left: list[torch.Tensor] = [torch.empty(0)] * len(slots)
         right: list[torch.Tensor | None] = [None] * len(slots)
-        for j, (key, pos, start, stop) in zip(order, self._where):
-            group = self.groups[key]
-            left[j] = lefts.setdefault((key, pos), group.left[pos])
-            if slots[j].weight and group.right is not None:
-                right[j] = group.right[pos, start:stop, start:stop]
+        for group, members in zip(self.groups, self._members):
+            lefts = group.left.unbind(0)
+            rights = group.right.unbind(0) if group.right is not None else None
+            for pos, js in enumerate(members):
+                col = 0
+                for j in js:
+                    width = sum(slots[j].widths)
+                    left[j] = lefts[pos]
+                    if slots[j].weight and rights is not None:
+                        R = rights[pos]
+                        right[j] = R if width == R.shape[0] else R[col:col + width,
+                                                                   col:col + width]
+                    col += width
         return left, right
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -256,12 +265,22 @@ class _Blocks:
         X = V if self.perm is None else V.index_select(0, self.perm)
         pieces = X.split(self.sizes) if len(self.sizes) > 1 else (X,)
         outs = []
-        for group, piece in zip(self.groups.values(), pieces):
+        for group, piece in zip(self.groups, pieces):
             k, d, c = group.block
             out = group.apply(piece.view(k, d, c) if m == 1 else piece.view(k, d, c, m))
             outs.append(out.reshape(-1, m))
         Y = outs[0] if len(outs) == 1 else torch.cat(outs)
         return Y if self.perm is None else torch.empty_like(Y).index_copy_(0, self.perm, Y)
+
+
+def _stacked(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(k, ...)`` from ``k`` equal-shaped tensors; a view for ``k = 1``."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(list(ts))
+
+
+def _present(t: torch.Tensor | None) -> torch.Tensor:
+    assert t is not None  # the group's pattern says which blocks have one
+    return t
 
 
 def _in_factor_dtype(op: ParameterOperator, blocks: _Blocks, V: torch.Tensor) -> torch.Tensor:
