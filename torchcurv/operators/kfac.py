@@ -497,13 +497,14 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         """One pass over this rank's data with hooks on the layers.
 
         Per batch (or microbatch): ``on_inputs(layer, x)`` for each call of a layer
-        (``x`` its input rows: ``(N_l, S, c)`` for the weight, ``c`` with a 1 appended
-        for a joint block, patches for a convolution), then per backpropagated vector
-        ``on_grads(layer, kept, g, weight)`` with ``g`` ``(N_l, S, d_out)`` the gradient
-        of that vector at the layer's output and ``kept`` what ``on_inputs`` returned
-        for that call with ``keep_inputs`` (so work on the inputs happens once per
-        batch, not once per vector), else ``None``: the inputs are released once
-        ``on_inputs`` has seen them. Returns the batches' losses and the examples.
+        (``x`` its input rows: ``(N_l, ..., c)`` for the weight, every middle axis shared,
+        ``c`` with a 1 appended for a joint block, patches for a convolution), then per
+        backpropagated vector ``on_grads(layer, kept, g, weight)`` with ``g``
+        ``(N_l, ..., d_out)`` the gradient of that vector at the layer's output and
+        ``kept`` what ``on_inputs`` returned for that call with ``keep_inputs`` (so work
+        on the inputs happens once per batch, not once per vector), else ``None``: the
+        inputs are released once ``on_inputs`` has seen them. Returns the batches'
+        losses and the examples.
         """
         losses = BatchLosses()
         examples = 0.0
@@ -607,7 +608,9 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                       for c in range(root.width)], 1.0
 
     def _layer_input(self, layer: _Layer, args: tuple) -> torch.Tensor:
-        """The layer's input as ``(N_l, S, c)`` rows of the factor dtype."""
+        """The layer's input as ``(N_l, ..., c)`` rows of the factor dtype (a linear
+        layer's input as it is: reshaping it is left to the caller, which needs one
+        reshape, not two)."""
         if len(args) != 1:
             raise TypeError(f"layer '{layer.name}' is called with {len(args)} inputs, not 1")
         x = args[0].detach()
@@ -621,8 +624,6 @@ class KFACOperator(SeededDraws, CurvatureOperator):
             )
         if isinstance(module, nn.Conv2d):
             x = _patches(x, module)
-        else:
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
         if self._joint(layer):
             x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
         return x
@@ -631,9 +632,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         # autograd.grad without create_graph gives tensors outside any graph: no detach
         if g.dtype != self.factor_dtype:
             g = g.to(self.factor_dtype)
-        if isinstance(layer.module, nn.Conv2d):
-            g = g.movedim(1, -1)
-        return g.reshape(g.shape[0], -1, g.shape[-1])
+        # (N_l, ..., d_out), channels last
+        return g.movedim(1, -1) if isinstance(layer.module, nn.Conv2d) else g
 
     def _compute_factors(self) -> tuple[list[torch.Tensor | None], list[torch.Tensor], float]:
         dtype, device = self.factor_dtype, self.device
@@ -645,13 +645,13 @@ class KFACOperator(SeededDraws, CurvatureOperator):
             if layer.weight is None:
                 return
             if reduce:
-                rows, share = x.mean(dim=1), 1
+                rows, share = (x if x.ndim == 2 else _per_example(x).mean(dim=1)), 1
             else:
-                rows, share = x.reshape(-1, x.shape[-1]), x.shape[1]
+                rows, share = _rows(x), math.prod(x.shape[1:-1])
             _add_gram(A, layer.name, rows, 1 / share)
 
         def on_grads(layer: _Layer, x, g: torch.Tensor, weight: float) -> None:
-            rows = g.sum(dim=1) if reduce else g.reshape(-1, g.shape[-1])
+            rows = (g if g.ndim == 2 else _per_example(g).sum(dim=1)) if reduce else _rows(g)
             _add_gram(B, layer.name, rows, weight)
 
         def local() -> tuple[BatchLosses, list[torch.Tensor]]:
@@ -677,9 +677,12 @@ class KFACOperator(SeededDraws, CurvatureOperator):
             raise ValueError("the data has no examples: KFAC's input covariances are empty")
         pieces = iter(parts)
         layer_A, layer_B = {}, {}
+        # a 0-d host tensor of the factors' dtype: a Python float would be wrapped and
+        # cast once per layer
+        count = torch.tensor(examples, dtype=dtype)
         for layer in self._layers:
             if layer.weight is not None:
-                layer_A[layer.name] = next(pieces) / examples
+                layer_A[layer.name] = next(pieces) / count
             layer_B[layer.name] = next(pieces)
         As = [layer_A[s.layer] if s.weight else None for s in self._slots]
         Bs = [layer_B[s.layer] for s in self._slots]
@@ -912,6 +915,7 @@ class EKFACOperator(KFACOperator):
         def on_inputs(layer: _Layer, x: torch.Tensor) -> dict[int, torch.Tensor]:
             # the inputs in the eigenbasis, once per batch for all its backpropagated
             # vectors (x has the 1 appended exactly when the block is joint)
+            x = _per_example(x)
             return {j: x @ q for j in slots_of[layer.name] if (q := eig[j][3]) is not None}
 
         def on_grads(layer: _Layer, xq, g: torch.Tensor, weight: float) -> None:
@@ -919,7 +923,7 @@ class EKFACOperator(KFACOperator):
             for j in slots_of[layer.name]:
                 _, qb, _, qa = eig[j]
                 if id(qb) not in rotated:
-                    rotated[id(qb)] = g @ qb  # (N, S, d_out)
+                    rotated[id(qb)] = _per_example(g) @ qb  # (N, S, d_out)
                 gq = rotated[id(qb)]
                 if qa is None:
                     E[j].add_((gq.sum(dim=1) ** 2).sum(dim=0)[:, None], alpha=weight)
@@ -1035,13 +1039,25 @@ def _add_gram(store: dict[str, torch.Tensor], key: str, rows: torch.Tensor,
               alpha: float) -> None:
     """``store[key] += alpha rowsᵀ rows`` (``rows`` ``(R, c)``): one ``addmm_``, the scale
     and the sum in the matmul's epilogue, instead of a matmul, a scaling and an addition
-    with two ``(c, c)`` temporaries per batch."""
+    with two ``(c, c)`` temporaries per batch (the first batch's scale too: ``addmm``
+    with ``beta=0``)."""
     if key in store:
-        store[key].addmm_(rows.T, rows, alpha=alpha)
-    else:
-        store[key] = torch.mm(rows.T, rows)
-        if alpha != 1:
-            store[key].mul_(alpha)
+        store[key].addmm_(rows.mT, rows, alpha=alpha)
+    elif alpha == 1:
+        store[key] = torch.mm(rows.mT, rows)
+    else:  # beta=0: the empty input is ignored
+        c = rows.shape[1]
+        store[key] = torch.addmm(rows.new_empty(c, c), rows.mT, rows, beta=0, alpha=alpha)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, ..., c)`` as ``(R, c)`` rows (no operation for ``(N, c)``)."""
+    return x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _per_example(x: torch.Tensor) -> torch.Tensor:
+    """``(N, ..., c)`` as ``(N, S, c)``: its middle axes as one shared axis."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _squared_per_example_gradients(gq: torch.Tensor, xq: torch.Tensor,
