@@ -26,6 +26,9 @@ the data twice more; one extra row measures them) and are eager in both: curvlin
 the timed build, so no product pays for factors. hessian-eigenthings has no KFAC.
 Build rows also carry what one build dispatches (:func:`common.op_counts`: aten operators,
 host syncs, CUDA launches): at these sizes a GPU waits on the host's issuing of operators.
+``ops_*`` rows count the same for the gradient pass, each build and each product, per
+library (``batches`` beside them), so that host work per batch and per layer compares
+without a GPU (``--quick`` on the CPU).
 One JSON line per measurement, each with ``nparams``; a ``flop_floor`` row per problem
 gives the FLOPs no implementation avoids (:func:`flop_floor`) and their ratios.
 
@@ -168,6 +171,12 @@ def bench(problem, model, criterion, data, params, device, reps):
          **flop_floor(model, data, params))
     t_grad = timed(gradient_pass(model, criterion, data, params), device, reps=reps)
     emit(problem=problem, lib="torch", what="grad", nparams=n, ms=t_grad * 1e3)
+
+    def ops(lib, what, fn, **extra):
+        emit(problem=problem, lib=lib, what=f"ops_{what}", nparams=n, batches=len(data),
+             **op_counts(fn, device), **extra)
+
+    ops("torch", "grad", gradient_pass(model, criterion, data, params))
     if isinstance(model, NextTokenLogits):
         strided = NextTokenLogits(model.lm, classes_axis_1=True)
         shaped = [(x, x[:, 1:]) for x, _ in data]
@@ -186,10 +195,12 @@ def bench(problem, model, criterion, data, params, device, reps):
             return torchcurv.KFACOperator(model, criterion, data, **settings)
 
         row("torchcurv", "build_kfac", built(kfac, device), **op_counts(kfac, device))
+        ops("torchcurv", "build_kfac", kfac)
         row("torchcurv", "build_kfac_with_checks", built(lambda: torchcurv.KFACOperator(
             model, criterion, data, params=params), device), check_deterministic=True)
         K = torchcurv.KFACOperator(model, criterion, data, **settings)
         row("torchcurv", "matvec_kfac", timed(lambda: K @ v, device, reps=reps))
+        ops("torchcurv", "matvec_kfac", lambda: K @ v)
         # EKFAC's and the inverses' eigendecompositions alone, where they run and on the
         # host (a GPU's eigh of a few hundred rows is slow next to the pass over the data)
         factors = {id(t): t for f in K.factors
@@ -202,18 +213,23 @@ def bench(problem, model, criterion, data, params, device, reps):
         inv = K.inverse(DAMPING)
         row("torchcurv", "inverse_matvec_kfac", timed(lambda: inv @ v, device, reps=reps),
             damping="factors")
+        ops("torchcurv", "inverse_matvec_kfac", lambda: inv @ v, damping="factors")
         exact = K.inverse(DAMPING, mode="exact")
         row("torchcurv", "inverse_matvec_kfac", timed(lambda: exact @ v, device, reps=reps),
             damping="exact")
+        ops("torchcurv", "inverse_matvec_kfac", lambda: exact @ v, damping="exact")
         def ekfac():
             return torchcurv.EKFACOperator(model, criterion, data, **settings)
 
         row("torchcurv", "build_ekfac", built(ekfac, device), **op_counts(ekfac, device))
+        ops("torchcurv", "build_ekfac", ekfac)
         E = torchcurv.EKFACOperator(model, criterion, data, **settings)
         row("torchcurv", "matvec_ekfac", timed(lambda: E @ v, device, reps=reps))
+        ops("torchcurv", "matvec_ekfac", lambda: E @ v)
         inv_e = E.inverse(DAMPING)
         row("torchcurv", "inverse_matvec_ekfac", timed(lambda: inv_e @ v, device, reps=reps),
             damping="exact")
+        ops("torchcurv", "inverse_matvec_ekfac", lambda: inv_e @ v, damping="exact")
 
     def theirs():
         import curvlinops
@@ -226,12 +242,15 @@ def bench(problem, model, criterion, data, params, device, reps):
             return K
 
         row("curvlinops", "build_kfac", built(kfac, device), **op_counts(kfac, device))
+        ops("curvlinops", "build_kfac", kfac)
         K = kfac()
         row("curvlinops", "matvec_kfac", timed(lambda: K @ v, device, reps=reps))
+        ops("curvlinops", "matvec_kfac", lambda: K @ v)
         for mode, kw in (("factors", {}), ("exact", {"use_exact_damping": True})):
             inv = KFACInverseLinearOperator(K, damping=DAMPING, **kw)
             row("curvlinops", "inverse_matvec_kfac", timed(lambda inv=inv: inv @ v, device,
                                                            reps=reps), damping=mode)
+            ops("curvlinops", "inverse_matvec_kfac", lambda inv=inv: inv @ v, damping=mode)
 
         def ekfac():
             E = curvlinops.EKFACLinearOperator(model, criterion, params, data,
@@ -241,11 +260,14 @@ def bench(problem, model, criterion, data, params, device, reps):
             return E
 
         row("curvlinops", "build_ekfac", built(ekfac, device), **op_counts(ekfac, device))
+        ops("curvlinops", "build_ekfac", ekfac)
         E = ekfac()
         row("curvlinops", "matvec_ekfac", timed(lambda: E @ v, device, reps=reps))
+        ops("curvlinops", "matvec_ekfac", lambda: E @ v)
         inv = KFACInverseLinearOperator(E, damping=DAMPING, use_exact_damping=True)
         row("curvlinops", "inverse_matvec_ekfac", timed(lambda: inv @ v, device, reps=reps),
             damping="exact")
+        ops("curvlinops", "inverse_matvec_ekfac", lambda: inv @ v, damping="exact")
 
     guarded(problem, "torchcurv", ours)
     guarded(problem, "curvlinops", theirs)

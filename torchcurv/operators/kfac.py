@@ -152,37 +152,25 @@ class _Group:
         if S is None:
             out = _left(L, M)
             return out if R is None else _right(out, R)
-        assert R is not None  # formed without scale in __init__ of _Blocks
+        assert R is not None  # formed without scale in _Blocks.of
         T = _right(_left(L.mT, M), R)
         T = _left(L, T * (S if M.ndim == 3 else S[..., None]))
         return _right(T, R.mT)
 
 
-class _Blocks:
-    """The block-diagonal map of a Kronecker-factored operator, one block per layer.
+class _Layout:
+    """Where each layer's block sits: layers of equal block shapes, with the same blocks
+    in the same order, form a group whose matrices are stacked ``(k, ...)``.
 
-    A layer's block acts on ``M``, its parameters' entries as one ``(d_out, c)`` matrix
+    A layer's block acts on its parameters' entries as one ``(d_out, c)`` matrix
     ``[W, b]`` (the weight's columns, then a 1-column bias, in the operator's parameter
-    order), by ``M -> left M right`` (``right is None``: ``left M``) or, with ``scale``,
-    the eigenbasis form ``M -> Q_B ((Q_Bᵀ M Q_A) * scale) Q_Aᵀ`` (``left = Q_B``,
-    ``right = Q_A``, ``scale`` ``(d_out, c)``).
-
-    Built from per-block lists (one entry per :class:`_Slot`): a weight and its separate
-    bias share ``left``, and their layer's ``right`` is ``blockdiag(right_W, [1])`` (the
-    bias has no input factor), so ``[B W A, B b]`` is one product per layer, exactly the
-    two blocks'. A layer with a bias alone in the eigenbasis form is formed once as
-    ``Q_B diag(scale) Q_Bᵀ``: one matmul instead of four.
-
-    Layers of equal block shapes form a group whose matrices are stacked once, so a
-    product is two batched matmuls per group (four in the eigenbasis form), not per
-    layer: on a GPU, at these sizes, the time of a product is mostly the host's issuing
-    of operations. The vector's entries go into group order with one precomputed gather
-    and come back with one scatter (none where the order is already the parameters').
+    order). A weight and its separate bias share ``B``, and their layer's input-side
+    matrix is ``blockdiag(A, [1])`` (the bias has no input factor), so ``[B W A, B b]``
+    is one product per layer, exactly the two blocks'. ``perm`` gathers a vector's
+    entries into group order (``None`` where that is already the parameters' order).
     """
 
-    def __init__(self, op: KFACOperator, left: Sequence[torch.Tensor],
-                 right: Sequence[torch.Tensor | None],
-                 scale: Sequence[torch.Tensor] | None = None) -> None:
+    def __init__(self, op: KFACOperator) -> None:
         slots = op._slots
         units: dict[str, list[int]] = {}
         for j, slot in enumerate(slots):
@@ -190,70 +178,119 @@ class _Blocks:
         starts = [0]
         for size in op._sizes:
             starts.append(starts[-1] + size)
-        # layers of one group have equal shapes and the same blocks in the same order
         grouped: dict[tuple, list[list[int]]] = {}
         for js in units.values():
-            pattern = tuple((slots[j].widths, right[j] is not None) for j in js)
-            grouped.setdefault((left[js[0]].shape[0], pattern), []).append(js)
-        self.groups: list[_Group] = []
-        self._members = list(grouped.values())
+            pattern = tuple((slots[j].widths, slots[j].weight) for j in js)
+            d = op._shapes[slots[js[0]].indices[0]][0]
+            grouped.setdefault((d, pattern), []).append(js)
+        self.slots = slots
+        self.members = list(grouped.values())  # per group, per layer its slots
+        self.keys = list(grouped)
+        # per group, per block of the pattern: its columns in the layer's block
+        self.columns: list[list[tuple[int, int]]] = []
+        self.place: dict[str, tuple[int, int]] = {}  # layer -> (group, position)
         indices = []
-        for (d, pattern), members in grouped.items():
+        for g, ((d, pattern), members) in enumerate(grouped.items()):
+            cols, col = [], 0
+            for widths, _ in pattern:
+                cols.append((col, col + sum(widths)))
+                col += sum(widths)
+            self.columns.append(cols)
+            for pos, js in enumerate(members):
+                self.place[slots[js[0]].layer] = (g, pos)
+            # where each entry of the stacked (k, d, c) blocks sits in the vector: host
+            # bookkeeping (numpy: no tensor operations), one transfer for the whole gather
+            by_block = list(zip(*members))
+            pieces = [np.array([starts[slots[j].indices[q]] for j in js])[:, None, None]
+                      + np.arange(d * w).reshape(1, d, w)
+                      for js in by_block for q, w in enumerate(slots[js[0]].widths)]
+            indices.append(np.concatenate(pieces, axis=2).reshape(-1))
+        perm = np.concatenate(indices)
+        self.perm = (None if np.array_equal(perm, np.arange(perm.size))
+                     else torch.from_numpy(perm).to(op.device))
+        self.sizes = [len(members) * d * sum(w for widths, _ in pattern for w in widths)
+                      for (d, pattern), members in grouped.items()]
+
+    def width(self, g: int) -> int:
+        return self.columns[g][-1][1]
+
+    def has_input_factor(self, g: int) -> bool:
+        return any(weight for _, weight in self.keys[g][1])
+
+    def weight_columns(self, layer: str) -> tuple[int, int]:
+        """The columns of ``layer``'s weight (with a joint bias) in its block."""
+        g, _ = self.place[layer]
+        return next(cols for cols, (_, weight) in zip(self.columns[g], self.keys[g][1])
+                    if weight)
+
+    def pad_input_side(self, g: int, R: torch.Tensor) -> None:
+        """The 1 of each separate bias on the diagonal of the stacked ``R``, in place."""
+        for (a, b), (_, weight) in zip(self.columns[g], self.keys[g][1]):
+            if not weight:
+                R[:, a:b, a:b].diagonal(dim1=1, dim2=2).fill_(1)
+
+
+class _Blocks:
+    """The block-diagonal map of a Kronecker-factored operator, one block per layer
+    (:class:`_Layout`): ``M -> left M right`` (``right is None``: ``left M``) or, with
+    ``scale``, the eigenbasis form ``M -> Q_B ((Q_Bᵀ M Q_A) * scale) Q_Aᵀ``
+    (``left = Q_B``, ``right = Q_A``, ``scale`` ``(d_out, c)``).
+
+    Each group's matrices are stacked once, so a product is two batched matmuls per
+    group (four in the eigenbasis form), not per layer: on a GPU, at these sizes, the
+    time of a product is mostly the host's issuing of operations. The vector's entries
+    go into group order with one precomputed gather and come back with one scatter.
+    """
+
+    def __init__(self, layout: _Layout, groups: list[_Group]) -> None:
+        self.layout, self.groups = layout, groups
+        self.dtype = groups[0].left.dtype
+
+    @classmethod
+    def of(cls, layout: _Layout, left: Sequence[torch.Tensor],
+           right: Sequence[torch.Tensor | None],
+           scale: Sequence[torch.Tensor] | None = None) -> _Blocks:
+        """From per-block lists (one entry per :class:`_Slot`; a weight and its separate
+        bias share ``left``). A layer with a bias alone in the eigenbasis form is formed
+        once as ``Q_B diag(scale) Q_Bᵀ``: one matmul instead of four."""
+        groups = []
+        for g, members in enumerate(layout.members):
             by_block = list(zip(*members))  # per block of the pattern, its slots
             L = _stacked([left[js[0]] for js in members])
-            widths = [sum(w) for w, _ in pattern]
             R: torch.Tensor | None = None
-            if len(pattern) == 1 and pattern[0][1]:
+            if len(by_block) == 1 and layout.has_input_factor(g):
                 R = _stacked([_present(right[j]) for j in by_block[0]])
-            elif any(has for _, has in pattern):
-                c = sum(widths)
+            elif layout.has_input_factor(g):
+                c = layout.width(g)
                 R = L.new_zeros(len(members), c, c)
-                col = 0
-                for block, width, (_, has) in zip(by_block, widths, pattern):
-                    square = R[:, col:col + width, col:col + width]
-                    if has:
-                        square.copy_(_stacked([_present(right[j]) for j in block]))
-                    else:  # a bias: no input factor
-                        square.diagonal(dim1=1, dim2=2).fill_(1)
-                    col += width
+                layout.pad_input_side(g, R)
+                for block, (a, b) in zip(by_block, layout.columns[g]):
+                    if layout.slots[block[0]].weight:
+                        R[:, a:b, a:b].copy_(_stacked([_present(right[j]) for j in block]))
             S = None if scale is None else (
-                _stacked([scale[j] for j in by_block[0]]) if len(pattern) == 1 else
+                _stacked([scale[j] for j in by_block[0]]) if len(by_block) == 1 else
                 torch.cat([_stacked([scale[j] for j in js]) for js in by_block], dim=2))
             if R is None and S is not None:
                 L, S = torch.bmm(L * S[:, None, :, 0], L.mT), None
-            self.groups.append(_Group(L, R, S))
-            # where each entry of the stacked (k, d, c) blocks sits in the vector: host
-            # bookkeeping (numpy: no tensor operations), one transfer for the whole gather
-            columns = [np.array([starts[slots[j].indices[q]] for j in js])[:, None, None]
-                       + np.arange(d * w).reshape(1, d, w)
-                       for js in by_block for q, w in enumerate(slots[js[0]].widths)]
-            indices.append(np.concatenate(columns, axis=2).reshape(-1))
-        perm = np.concatenate(indices)
-        self.perm = (None if np.array_equal(perm, np.arange(perm.size))
-                     else torch.from_numpy(perm).to(left[0].device))
-        self.dtype = left[0].dtype
-        self.sizes = [g.left.shape[0] * g.left.shape[1] * g.block[2] for g in self.groups]
+            groups.append(_Group(L, R, S))
+        return cls(layout, groups)
 
-    def slot_views(self, slots: Sequence[_Slot]) -> tuple[list[torch.Tensor],
-                                                          list[torch.Tensor | None]]:
-        """Per block (``slots``, the ones this was built from) ``left`` and ``right`` as
-        views of the stacks (``right`` ``None`` for a bias alone; blocks of one layer
-        share one ``left`` tensor), so that a caller need not keep a second copy."""
-        left: list[torch.Tensor] = [torch.empty(0)] * len(slots)
-        right: list[torch.Tensor | None] = [None] * len(slots)
-        for group, members in zip(self.groups, self._members):
+    def slot_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per block ``left`` and ``right`` as views of the stacks (``right`` ``None``
+        for a bias alone; blocks of one layer share one ``left`` tensor), so that a
+        caller need not keep a second copy."""
+        layout = self.layout
+        left: list[torch.Tensor] = [torch.empty(0)] * len(layout.slots)
+        right: list[torch.Tensor | None] = [None] * len(layout.slots)
+        for group, members, columns in zip(self.groups, layout.members, layout.columns):
             lefts = group.left.unbind(0)
             rights = group.right.unbind(0) if group.right is not None else None
             for pos, js in enumerate(members):
-                col = 0
-                for j in js:
-                    width = sum(slots[j].widths)
+                for j, (a, b) in zip(js, columns):
                     left[j] = lefts[pos]
-                    if slots[j].weight and rights is not None:
+                    if layout.slots[j].weight and rights is not None:
                         R = rights[pos]
-                        right[j] = R if width == R.shape[0] else R[col:col + width,
-                                                                   col:col + width]
-                    col += width
+                        right[j] = R if b - a == R.shape[0] else R[a:b, a:b]
         return left, right
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -262,15 +299,16 @@ class _Blocks:
         through ``(k, d, c)`` stacks: without the vector axis there are no reshapes and
         transposes around the matmuls."""
         m = V.shape[1]
-        X = V if self.perm is None else V.index_select(0, self.perm)
-        pieces = X.split(self.sizes) if len(self.sizes) > 1 else (X,)
+        perm, sizes = self.layout.perm, self.layout.sizes
+        X = V if perm is None else V.index_select(0, perm)
+        pieces = X.split(sizes) if len(sizes) > 1 else (X,)
         outs = []
         for group, piece in zip(self.groups, pieces):
             k, d, c = group.block
             out = group.apply(piece.view(k, d, c) if m == 1 else piece.view(k, d, c, m))
             outs.append(out.reshape(-1, m))
         Y = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return Y if self.perm is None else torch.empty_like(Y).index_copy_(0, self.perm, Y)
+        return Y if perm is None else torch.empty_like(Y).index_copy_(0, perm, Y)
 
 
 def _stacked(ts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -426,10 +464,10 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         with self._stage(None):
             self._layers = self._find_layers()
             self._slots = self._make_slots()
-        A, B, self.num_examples = self._compute_factors()
-        # the factors live in the product's stacks only: one copy of them
-        self._factor_blocks = _Blocks(self, B, A)
-        self._B, self._A = self._factor_blocks.slot_views(self._slots)
+            self._layout = _Layout(self)
+        # the factors are accumulated in the product's stacks: one copy of them
+        self._factor_blocks, self.num_examples = self._compute_factors()
+        self._factor_views: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None
         self._eig: list[_Eigh] | None = None
 
     # -- layers and blocks -----------------------------------------------------------
@@ -635,11 +673,27 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         # (N_l, ..., d_out), channels last
         return g.movedim(1, -1) if isinstance(layer.module, nn.Conv2d) else g
 
-    def _compute_factors(self) -> tuple[list[torch.Tensor | None], list[torch.Tensor], float]:
-        dtype, device = self.factor_dtype, self.device
+    def _compute_factors(self) -> tuple[_Blocks, float]:
+        """The factors, summed over the data straight into the stacks of the product
+        (:class:`_Layout`): ``B`` for each layer, ``A`` beside a separate bias's 1.
+        Returns the product's blocks and ``N``."""
+        dtype, device, layout = self.factor_dtype, self.device, self._layout
+        reduce = self.kfac_approx == "reduce"
+        lefts = [torch.zeros(len(m), k[0], k[0], dtype=dtype, device=device)
+                 for m, k in zip(layout.members, layout.keys)]
+        rights = [torch.zeros(len(m), layout.width(g), layout.width(g), dtype=dtype,
+                              device=device) if layout.has_input_factor(g) else None
+                  for g, m in enumerate(layout.members)]
+        # per layer the views its batches add to
         A: dict[str, torch.Tensor] = {}
         B: dict[str, torch.Tensor] = {}
-        reduce = self.kfac_approx == "reduce"
+        for layer in self._layers:
+            g, pos = layout.place[layer.name]
+            B[layer.name] = lefts[g][pos]
+            right = rights[g]
+            if layer.weight is not None and right is not None:
+                a, b = layout.weight_columns(layer.name)
+                A[layer.name] = right[pos, a:b, a:b]
 
         def on_inputs(layer: _Layer, x: torch.Tensor) -> None:
             if layer.weight is None:
@@ -648,48 +702,34 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                 rows, share = (x if x.ndim == 2 else _per_example(x).mean(dim=1)), 1
             else:
                 rows, share = _rows(x), math.prod(x.shape[1:-1])
-            _add_gram(A, layer.name, rows, 1 / share)
+            A[layer.name].addmm_(rows.mT, rows, alpha=1 / share)
 
         def on_grads(layer: _Layer, x, g: torch.Tensor, weight: float) -> None:
             rows = (g if g.ndim == 2 else _per_example(g).sum(dim=1)) if reduce else _rows(g)
-            _add_gram(B, layer.name, rows, weight)
+            B[layer.name].addmm_(rows.mT, rows, alpha=weight)
 
         def local() -> tuple[BatchLosses, list[torch.Tensor]]:
             losses, examples = self._walk(on_inputs, on_grads)
-            parts = []
-            for layer in self._layers:
-                d_out = layer.d_out
-                if layer.weight is not None:
-                    size = sum(self._slot_of(layer.weight).widths)
-                    parts.append(A[layer.name] if layer.name in A else torch.zeros(
-                        size, size, dtype=dtype, device=device))
-                parts.append(B[layer.name] if layer.name in B else torch.zeros(
-                    d_out, d_out, dtype=dtype, device=device))
             # the count is summed over the ranks with the factors, in their dtype; alone,
             # it is rounded to that dtype on the host (no transfer to the device and back)
-            parts.append(torch.tensor([examples], dtype=dtype,
-                                      device=device if self.distributed else "cpu"))
-            return losses, parts
+            count = torch.tensor([examples], dtype=dtype,
+                                 device=device if self.distributed else "cpu")
+            return losses, [*lefts, *(r for r in rights if r is not None), count]
 
         parts = self._summed_over_ranks(local, "the construction of the Kronecker factors")
-        examples = float(parts.pop())
+        examples = float(parts[-1])
         if examples <= 0:
             raise ValueError("the data has no examples: KFAC's input covariances are empty")
-        pieces = iter(parts)
-        layer_A, layer_B = {}, {}
-        # a 0-d host tensor of the factors' dtype: a Python float would be wrapped and
-        # cast once per layer
-        count = torch.tensor(examples, dtype=dtype)
-        for layer in self._layers:
-            if layer.weight is not None:
-                layer_A[layer.name] = next(pieces) / count
-            layer_B[layer.name] = next(pieces)
-        As = [layer_A[s.layer] if s.weight else None for s in self._slots]
-        Bs = [layer_B[s.layer] for s in self._slots]
-        return As, Bs, examples
-
-    def _slot_of(self, index: int) -> _Slot:
-        return next(s for s in self._slots if index in s.indices)
+        summed = iter(parts[len(lefts):-1])
+        groups = []
+        for g, left in enumerate(parts[:len(lefts)]):
+            right = next(summed) if rights[g] is not None else None
+            if right is not None:
+                # by the count tensor itself: a Python float would be wrapped and cast
+                right.div_(parts[-1])
+                layout.pad_input_side(g, right)
+            groups.append(_Group(left, right, None))
+        return _Blocks(layout, groups), examples
 
     def _summed_over_ranks(self, local, what: str) -> list[torch.Tensor]:
         """``local()``'s tensors, summed over the ranks with one all-reduce; a NaN/inf
@@ -718,12 +758,19 @@ class KFACOperator(SeededDraws, CurvatureOperator):
     def _blocks(self) -> _Blocks:
         return self._factor_blocks
 
+    def _factor_lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per block ``B`` and ``A`` (``None`` for a bias alone): views of the product's
+        stacks, formed on first use (products need none of them)."""
+        if self._factor_views is None:
+            self._factor_views = self._factor_blocks.slot_views()
+        return self._factor_views
+
     @property
     def factors(self) -> list[KroneckerFactor]:
         """The Kronecker blocks, in parameter order (a weight and its separate bias
         share one ``B`` tensor)."""
         return [KroneckerFactor(s.layer, tuple(self.param_names[i] for i in s.indices), A, B)
-                for s, A, B in zip(self._slots, self._A, self._B)]
+                for s, B, A in zip(self._slots, *self._factor_lists())]
 
     # -- closed forms from the factors -------------------------------------------------
     def _eigendecompositions(self) -> list[_Eigh]:
@@ -739,7 +786,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                 return done[id(M)]
 
             self._eig = [(*eigh(B), *(eigh(A) if A is not None else (None, None)))
-                         for A, B in zip(self._A, self._B)]
+                         for B, A in zip(*self._factor_lists())]
         return self._eig
 
     def _block_eigenvalues(self) -> list[torch.Tensor]:
@@ -784,7 +831,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
     def trace(self) -> float:
         """``tr = sum over blocks of tr(A) tr(B)`` (``tr(A) = 1`` for a bias alone)."""
         return float(sum(float(B.trace()) * (float(A.trace()) if A is not None else 1.0)
-                         for A, B in zip(self._A, self._B)))
+                         for B, A in zip(*self._factor_lists())))
 
     def logdet(self, damping: float = 0.0) -> float:
         """``log det(K + damping I)``, exact from the eigenvalues (Laplace's marginal
@@ -849,7 +896,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         if mode == "exact":
             scale = [_inverted(e, damp_a, f"K + {damp_a:g} I in block {self._name(j)}")
                      for j, e in enumerate(self._block_eigenvalues())]
-            blocks = _Blocks(self, [e[1] for e in eig], [e[3] for e in eig], scale)
+            blocks = _Blocks.of(self._layout, [e[1] for e in eig], [e[3] for e in eig], scale)
             return KFACInverseOperator(self, blocks, f"(K + {damp_a:g} I)^-1")
         # a layer's damping pair, also for its bias when that is a block of its own
         # (curvlinops damps the layer's one B for both)
@@ -873,7 +920,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
             else:
                 right.append((qa * _inverted(la, da, f"A + {da:g} I of block {name}")) @ qa.T)
         what = "heuristically damped" if mode == "heuristic" else f"damping {damping}"
-        return KFACInverseOperator(self, _Blocks(self, left, right), f"KFAC^-1 ({what})")
+        return KFACInverseOperator(self, _Blocks.of(self._layout, left, right),
+                                   f"KFAC^-1 ({what})")
 
     def _name(self, j: int) -> str:
         return "/".join(self.param_names[i] for i in self._slots[j].indices)
@@ -939,8 +987,8 @@ class EKFACOperator(KFACOperator):
     def _blocks(self) -> _Blocks:
         if self._eigenbasis_blocks is None:  # formed once: bias blocks are matmuls
             eig = self._eigendecompositions()
-            self._eigenbasis_blocks = _Blocks(self, [e[1] for e in eig], [e[3] for e in eig],
-                                              self._corrected)
+            self._eigenbasis_blocks = _Blocks.of(
+                self._layout, [e[1] for e in eig], [e[3] for e in eig], self._corrected)
         return self._eigenbasis_blocks
 
     def _block_eigenvalues(self) -> list[torch.Tensor]:
@@ -969,8 +1017,8 @@ class EKFACOperator(KFACOperator):
         eig = self._eigendecompositions()
         scale = [_inverted(e, delta, f"EKFAC + {delta:g} I in block {self._name(j)}")
                  for j, e in enumerate(self._corrected)]
-        return KFACInverseOperator(self, _Blocks(self, [e[1] for e in eig], [e[3] for e in eig],
-                                                 scale), f"(EKFAC + {delta:g} I)^-1")
+        blocks = _Blocks.of(self._layout, [e[1] for e in eig], [e[3] for e in eig], scale)
+        return KFACInverseOperator(self, blocks, f"(EKFAC + {delta:g} I)^-1")
 
 
 class KFACInverseOperator(ParameterOperator):
@@ -1033,21 +1081,6 @@ def _output_edge(output: torch.Tensor, stock: bool) -> _Edge | None:
     if stock and whole and base.requires_grad and base.grad_fn is not None:
         return _Edge(get_gradient_edge(base), output.shape)
     return None
-
-
-def _add_gram(store: dict[str, torch.Tensor], key: str, rows: torch.Tensor,
-              alpha: float) -> None:
-    """``store[key] += alpha rowsᵀ rows`` (``rows`` ``(R, c)``): one ``addmm_``, the scale
-    and the sum in the matmul's epilogue, instead of a matmul, a scaling and an addition
-    with two ``(c, c)`` temporaries per batch (the first batch's scale too: ``addmm``
-    with ``beta=0``)."""
-    if key in store:
-        store[key].addmm_(rows.mT, rows, alpha=alpha)
-    elif alpha == 1:
-        store[key] = torch.mm(rows.mT, rows)
-    else:  # beta=0: the empty input is ignored
-        c = rows.shape[1]
-        store[key] = torch.addmm(rows.new_empty(c, c), rows.mT, rows, beta=0, alpha=alpha)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
