@@ -25,11 +25,12 @@ eigenvalues ``λ_B,i λ_A,j`` by the second moments of the per-example gradients
 basis, ``sum_n (Q_Bᵀ G_n Q_A)_ij²``: the best diagonal in the basis (in Frobenius norm)
 for the Fisher of per-example gradients.
 
-Everything is computed from the factors: products (two small matmuls per block),
-eigenvalues and eigenvectors, trace, (log-)determinant and the inverse, with no Krylov
-method. Construction walks the data once (twice for EKFAC), with one forward pass and
-``S`` backward passes to the layer outputs per batch (``S = mc_samples`` for "mc", 1 for
-"empirical", the output width for "type-2"); products never touch the model or the data.
+Everything is computed from the factors: products (two small matmuls per layer, batched
+over the layers of equal shapes), eigenvalues and eigenvectors, trace, (log-)determinant
+and the inverse, with no Krylov method. Construction walks the data once (twice for
+EKFAC), with one forward pass and ``S`` backward passes to the layer outputs per batch
+(``S = mc_samples`` for "mc", 1 for "empirical", the output width for "type-2");
+products never touch the model or the data.
 
 Conventions are curvlinops 3.0.1's (``KFACLinearOperator``, ``EKFACLinearOperator``,
 ``KFACInverseLinearOperator``), with the differences torchcurv's Fisher operators have
@@ -873,7 +874,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
           eigendecompositions: ``Q ((λ_B λ_Aᵀ + δ)⁻¹) Qᵀ``.
 
         Cost: one ``eigh`` per factor (cached with the operator); each product is two
-        matmuls per block (``"factors"``, ``"heuristic"``) or four (``"exact"``).
+        batched matmuls per group of equal-shaped layers (``"factors"``, ``"heuristic"``)
+        or four (``"exact"``).
 
         Raises:
             ValueError: a damped factor (or ``K + δ I``) is singular to working
@@ -985,7 +987,7 @@ class EKFACOperator(KFACOperator):
         return self._summed_over_ranks(local, "the construction of EKFAC's eigenvalues")
 
     def _blocks(self) -> _Blocks:
-        if self._eigenbasis_blocks is None:  # formed once: bias blocks are matmuls
+        if self._eigenbasis_blocks is None:  # formed once: stacked, bias blocks as matmuls
             eig = self._eigendecompositions()
             self._eigenbasis_blocks = _Blocks.of(
                 self._layout, [e[1] for e in eig], [e[3] for e in eig], self._corrected)
