@@ -306,8 +306,10 @@ class _Blocks:
         outs = []
         for group, piece in zip(self.groups, pieces):
             k, d, c = group.block
-            out = group.apply(piece.view(k, d, c) if m == 1 else piece.view(k, d, c, m))
-            outs.append(out.reshape(-1, m))
+            if m == 1:  # the batched matmul's result is contiguous: a view
+                outs.append(group.apply(piece.view(k, d, c)).view(-1, 1))
+            else:
+                outs.append(group.apply(piece.view(k, d, c, m)).reshape(-1, m))
         Y = outs[0] if len(outs) == 1 else torch.cat(outs)
         return Y if perm is None else torch.empty_like(Y).index_copy_(0, perm, Y)
 
