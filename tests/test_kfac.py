@@ -628,7 +628,7 @@ def test_a_gpt2_shaped_product_issues_operations_per_shape_not_per_layer():
     for name in ("kfac", "inverse", "exact"):
         assert counts[name, 4] == counts[name, 1], (name, counts)
         assert counts[name, 4]["host_syncs"] == 1, counts
-    # the counts reached (67 and 132 with torch 2.13), with a little slack; per-layer
-    # products (396 for 4 blocks) are far above
+    # the counts reached, with a little slack (docs/kfac.md has them); per-layer
+    # products are far above
     assert counts["kfac", 4]["aten_ops"] <= 72 and counts["inverse", 4]["aten_ops"] <= 72
     assert counts["exact", 4]["aten_ops"] <= 140, counts
