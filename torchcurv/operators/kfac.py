@@ -226,9 +226,9 @@ class _Layout:
 
     def pad_input_side(self, g: int, R: torch.Tensor) -> None:
         """The 1 of each separate bias on the diagonal of the stacked ``R``, in place."""
-        for (a, b), (_, weight) in zip(self.columns[g], self.keys[g][1]):
-            if not weight:
-                R[:, a:b, a:b].diagonal(dim1=1, dim2=2).fill_(1)
+        for (a, _), (_, weight) in zip(self.columns[g], self.keys[g][1]):
+            if not weight:  # a bias: one column
+                R[:, a, a].fill_(1)
 
 
 class _Blocks:
@@ -696,7 +696,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
             right = rights[g]
             if layer.weight is not None and right is not None:
                 a, b = layout.weight_columns(layer.name)
-                A[layer.name] = right[pos, a:b, a:b]
+                A[layer.name] = right[pos] if b - a == right.shape[1] else right[pos, a:b, a:b]
 
         def on_inputs(layer: _Layer, x: torch.Tensor) -> None:
             if layer.weight is None:
