@@ -27,7 +27,8 @@ the timed build, so no product pays for factors. hessian-eigenthings has no KFAC
 Build rows also carry what one build dispatches (:func:`common.op_counts`: aten operators,
 host syncs, CUDA launches): at these sizes a GPU waits on the host's issuing of operators.
 ``ops_*`` rows count the same for the gradient pass, each build and each product, per
-library (``batches`` beside them), so that host work per batch and per layer compares
+library (``batches`` beside them; for the gradient and the KFAC builds also what one
+more batch adds, ``*_per_batch``), so that host work per batch and per layer compares
 without a GPU (``--quick`` on the CPU).
 One JSON line per measurement, each with ``nparams``; a ``flop_floor`` row per problem
 gives the FLOPs no implementation avoids (:func:`flop_floor`) and their ratios.
@@ -176,7 +177,14 @@ def bench(problem, model, criterion, data, params, device, reps):
         emit(problem=problem, lib=lib, what=f"ops_{what}", nparams=n, batches=len(data),
              **op_counts(fn, device), **extra)
 
-    ops("torch", "grad", gradient_pass(model, criterion, data, params))
+    def per_batch(make) -> dict:
+        """What one more batch dispatches: ``make(batches)``'s counts over the data twice,
+        less those over it once, per batch."""
+        once, twice = op_counts(make(data), device), op_counts(make(data + data), device)
+        return {f"{k}_per_batch": (twice[k] - once[k]) / len(data) for k in once}
+
+    ops("torch", "grad", gradient_pass(model, criterion, data, params),
+        **per_batch(lambda d: gradient_pass(model, criterion, d, params)))
     if isinstance(model, NextTokenLogits):
         strided = NextTokenLogits(model.lm, classes_axis_1=True)
         shaped = [(x, x[:, 1:]) for x, _ in data]
@@ -195,7 +203,8 @@ def bench(problem, model, criterion, data, params, device, reps):
             return torchcurv.KFACOperator(model, criterion, data, **settings)
 
         row("torchcurv", "build_kfac", built(kfac, device), **op_counts(kfac, device))
-        ops("torchcurv", "build_kfac", kfac)
+        ops("torchcurv", "build_kfac", kfac, **per_batch(
+            lambda d: lambda: torchcurv.KFACOperator(model, criterion, d, **settings)))
         row("torchcurv", "build_kfac_with_checks", built(lambda: torchcurv.KFACOperator(
             model, criterion, data, params=params), device), check_deterministic=True)
         K = torchcurv.KFACOperator(model, criterion, data, **settings)
@@ -235,14 +244,14 @@ def bench(problem, model, criterion, data, params, device, reps):
         import curvlinops
         from curvlinops.inverse import KFACInverseLinearOperator
 
-        def kfac():
-            K = curvlinops.KFACLinearOperator(model, criterion, params, data,
+        def kfac(batches=data):
+            K = curvlinops.KFACLinearOperator(model, criterion, params, batches,
                                               check_deterministic=False, seed=0)
             K.compute_kronecker_factors()
             return K
 
         row("curvlinops", "build_kfac", built(kfac, device), **op_counts(kfac, device))
-        ops("curvlinops", "build_kfac", kfac)
+        ops("curvlinops", "build_kfac", kfac, **per_batch(lambda d: lambda: kfac(d)))
         K = kfac()
         row("curvlinops", "matvec_kfac", timed(lambda: K @ v, device, reps=reps))
         ops("curvlinops", "matvec_kfac", lambda: K @ v)
