@@ -26,6 +26,10 @@ the data twice more; one extra row measures them) and are eager in both: curvlin
 the timed build, so no product pays for factors. hessian-eigenthings has no KFAC.
 Build rows also carry what one build dispatches (:func:`common.op_counts`: aten operators,
 host syncs, CUDA launches): at these sizes a GPU waits on the host's issuing of operators.
+``ops_*`` rows count the same for the gradient pass, each build and each product, per
+library (``batches`` beside them; for the gradient and the KFAC builds also what one
+more batch adds, ``*_per_batch``), so that host work per batch and per layer compares
+without a GPU (``--quick`` on the CPU).
 One JSON line per measurement, each with ``nparams``; a ``flop_floor`` row per problem
 gives the FLOPs no implementation avoids (:func:`flop_floor`) and their ratios.
 
@@ -168,6 +172,19 @@ def bench(problem, model, criterion, data, params, device, reps):
          **flop_floor(model, data, params))
     t_grad = timed(gradient_pass(model, criterion, data, params), device, reps=reps)
     emit(problem=problem, lib="torch", what="grad", nparams=n, ms=t_grad * 1e3)
+
+    def ops(lib, what, fn, **extra):
+        emit(problem=problem, lib=lib, what=f"ops_{what}", nparams=n, batches=len(data),
+             **op_counts(fn, device), **extra)
+
+    def per_batch(make) -> dict:
+        """What one more batch dispatches: ``make(batches)``'s counts over the data twice,
+        less those over it once, per batch."""
+        once, twice = op_counts(make(data), device), op_counts(make(data + data), device)
+        return {f"{k}_per_batch": (twice[k] - once[k]) / len(data) for k in once}
+
+    ops("torch", "grad", gradient_pass(model, criterion, data, params),
+        **per_batch(lambda d: gradient_pass(model, criterion, d, params)))
     if isinstance(model, NextTokenLogits):
         strided = NextTokenLogits(model.lm, classes_axis_1=True)
         shaped = [(x, x[:, 1:]) for x, _ in data]
@@ -186,10 +203,13 @@ def bench(problem, model, criterion, data, params, device, reps):
             return torchcurv.KFACOperator(model, criterion, data, **settings)
 
         row("torchcurv", "build_kfac", built(kfac, device), **op_counts(kfac, device))
+        ops("torchcurv", "build_kfac", kfac, **per_batch(
+            lambda d: lambda: torchcurv.KFACOperator(model, criterion, d, **settings)))
         row("torchcurv", "build_kfac_with_checks", built(lambda: torchcurv.KFACOperator(
             model, criterion, data, params=params), device), check_deterministic=True)
         K = torchcurv.KFACOperator(model, criterion, data, **settings)
         row("torchcurv", "matvec_kfac", timed(lambda: K @ v, device, reps=reps))
+        ops("torchcurv", "matvec_kfac", lambda: K @ v)
         # EKFAC's and the inverses' eigendecompositions alone, where they run and on the
         # host (a GPU's eigh of a few hundred rows is slow next to the pass over the data)
         factors = {id(t): t for f in K.factors
@@ -202,36 +222,44 @@ def bench(problem, model, criterion, data, params, device, reps):
         inv = K.inverse(DAMPING)
         row("torchcurv", "inverse_matvec_kfac", timed(lambda: inv @ v, device, reps=reps),
             damping="factors")
+        ops("torchcurv", "inverse_matvec_kfac", lambda: inv @ v, damping="factors")
         exact = K.inverse(DAMPING, mode="exact")
         row("torchcurv", "inverse_matvec_kfac", timed(lambda: exact @ v, device, reps=reps),
             damping="exact")
+        ops("torchcurv", "inverse_matvec_kfac", lambda: exact @ v, damping="exact")
         def ekfac():
             return torchcurv.EKFACOperator(model, criterion, data, **settings)
 
         row("torchcurv", "build_ekfac", built(ekfac, device), **op_counts(ekfac, device))
+        ops("torchcurv", "build_ekfac", ekfac)
         E = torchcurv.EKFACOperator(model, criterion, data, **settings)
         row("torchcurv", "matvec_ekfac", timed(lambda: E @ v, device, reps=reps))
+        ops("torchcurv", "matvec_ekfac", lambda: E @ v)
         inv_e = E.inverse(DAMPING)
         row("torchcurv", "inverse_matvec_ekfac", timed(lambda: inv_e @ v, device, reps=reps),
             damping="exact")
+        ops("torchcurv", "inverse_matvec_ekfac", lambda: inv_e @ v, damping="exact")
 
     def theirs():
         import curvlinops
         from curvlinops.inverse import KFACInverseLinearOperator
 
-        def kfac():
-            K = curvlinops.KFACLinearOperator(model, criterion, params, data,
+        def kfac(batches=data):
+            K = curvlinops.KFACLinearOperator(model, criterion, params, batches,
                                               check_deterministic=False, seed=0)
             K.compute_kronecker_factors()
             return K
 
         row("curvlinops", "build_kfac", built(kfac, device), **op_counts(kfac, device))
+        ops("curvlinops", "build_kfac", kfac, **per_batch(lambda d: lambda: kfac(d)))
         K = kfac()
         row("curvlinops", "matvec_kfac", timed(lambda: K @ v, device, reps=reps))
+        ops("curvlinops", "matvec_kfac", lambda: K @ v)
         for mode, kw in (("factors", {}), ("exact", {"use_exact_damping": True})):
             inv = KFACInverseLinearOperator(K, damping=DAMPING, **kw)
             row("curvlinops", "inverse_matvec_kfac", timed(lambda inv=inv: inv @ v, device,
                                                            reps=reps), damping=mode)
+            ops("curvlinops", "inverse_matvec_kfac", lambda inv=inv: inv @ v, damping=mode)
 
         def ekfac():
             E = curvlinops.EKFACLinearOperator(model, criterion, params, data,
@@ -241,11 +269,14 @@ def bench(problem, model, criterion, data, params, device, reps):
             return E
 
         row("curvlinops", "build_ekfac", built(ekfac, device), **op_counts(ekfac, device))
+        ops("curvlinops", "build_ekfac", ekfac)
         E = ekfac()
         row("curvlinops", "matvec_ekfac", timed(lambda: E @ v, device, reps=reps))
+        ops("curvlinops", "matvec_ekfac", lambda: E @ v)
         inv = KFACInverseLinearOperator(E, damping=DAMPING, use_exact_damping=True)
         row("curvlinops", "inverse_matvec_ekfac", timed(lambda: inv @ v, device, reps=reps),
             damping="exact")
+        ops("curvlinops", "inverse_matvec_ekfac", lambda: inv @ v, damping="exact")
 
     guarded(problem, "torchcurv", ours)
     guarded(problem, "curvlinops", theirs)

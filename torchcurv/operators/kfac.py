@@ -25,11 +25,12 @@ eigenvalues ``λ_B,i λ_A,j`` by the second moments of the per-example gradients
 basis, ``sum_n (Q_Bᵀ G_n Q_A)_ij²``: the best diagonal in the basis (in Frobenius norm)
 for the Fisher of per-example gradients.
 
-Everything is computed from the factors: products (two small matmuls per block),
-eigenvalues and eigenvectors, trace, (log-)determinant and the inverse, with no Krylov
-method. Construction walks the data once (twice for EKFAC), with one forward pass and
-``S`` backward passes to the layer outputs per batch (``S = mc_samples`` for "mc", 1 for
-"empirical", the output width for "type-2"); products never touch the model or the data.
+Everything is computed from the factors: products (two small matmuls per layer, batched
+over the layers of equal shapes), eigenvalues and eigenvectors, trace, (log-)determinant
+and the inverse, with no Krylov method. Construction walks the data once (twice for
+EKFAC), with one forward pass and ``S`` backward passes to the layer outputs per batch
+(``S = mc_samples`` for "mc", 1 for "empirical", the output width for "type-2");
+products never touch the model or the data.
 
 Conventions are curvlinops 3.0.1's (``KFACLinearOperator``, ``EKFACLinearOperator``,
 ``KFACInverseLinearOperator``), with the differences torchcurv's Fisher operators have
@@ -48,6 +49,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
@@ -131,78 +133,221 @@ class _Layer:
     d_out: int
 
 
-class _Blocks:
-    """Per-block matrices applied to blocks ``M`` of shape ``(d_out, c, m)`` (``m``
-    vectors, each the block's ``[W, b]``), or ``(d_out, c)`` for one vector.
+@dataclass(frozen=True)
+class _Group:
+    """Layer blocks of equal shapes, their matrices stacked: ``left`` ``(k, d, d)``,
+    ``right`` ``(k, c, c)`` or ``None``, ``scale`` ``(k, d, c)`` or ``None``."""
 
-    ``scale is None``: ``M -> left M right`` (``right is None``: ``left M``).
-    Otherwise the eigenbasis form ``M -> Q_B ((Q_Bᵀ M Q_A) * scale) Q_Aᵀ`` with
-    ``left = Q_B``, ``right = Q_A`` and ``scale`` of shape ``(d_out, c)``; a block
-    without ``Q_A`` (a bias alone) is formed once as the ``(d_out, d_out)`` matrix
-    ``Q_B diag(scale) Q_Bᵀ``: one matmul per product instead of two and a scaling.
+    left: torch.Tensor
+    right: torch.Tensor | None
+    scale: torch.Tensor | None
+
+    @property
+    def block(self) -> tuple[int, int, int]:
+        k, d, _ = self.left.shape
+        return k, d, 1 if self.right is None else self.right.shape[1]
+
+    def apply(self, M: torch.Tensor) -> torch.Tensor:
+        """The group's map on ``(k, d, c)`` (one vector) or ``(k, d, c, m)``."""
+        L, R, S = self.left, self.right, self.scale
+        if S is None:
+            out = _left(L, M)
+            return out if R is None else _right(out, R)
+        assert R is not None  # formed without scale in _Blocks.of
+        T = _right(_left(L.mT, M), R)
+        T = _left(L, T * (S if M.ndim == 3 else S[..., None]))
+        return _right(T, R.mT)
+
+
+class _Layout:
+    """Where each layer's block sits: layers of equal block shapes, with the same blocks
+    in the same order, form a group whose matrices are stacked ``(k, ...)``.
+
+    A layer's block acts on its parameters' entries as one ``(d_out, c)`` matrix
+    ``[W, b]`` (the weight's columns, then a 1-column bias, in the operator's parameter
+    order). A weight and its separate bias share ``B``, and their layer's input-side
+    matrix is ``blockdiag(A, [1])`` (the bias has no input factor), so ``[B W A, B b]``
+    is one product per layer, exactly the two blocks'. ``perm`` gathers a vector's
+    entries into group order (``None`` where that is already the parameters' order).
     """
 
-    def __init__(self, left: list[torch.Tensor], right: list[torch.Tensor | None],
-                 scale: list[torch.Tensor] | None = None) -> None:
-        self.left, self.right = list(left), right
-        self.scale: list[torch.Tensor | None] | None = None
-        if scale is not None:
-            self.scale = list(scale)
-            for j, R in enumerate(right):
-                if R is None:
-                    self.left[j] = (left[j] * scale[j][:, 0]) @ left[j].T
-                    self.scale[j] = None
+    def __init__(self, op: KFACOperator) -> None:
+        slots = op._slots
+        units: dict[str, list[int]] = {}
+        for j, slot in enumerate(slots):
+            units.setdefault(slot.layer, []).append(j)
+        starts = [0]
+        for size in op._sizes:
+            starts.append(starts[-1] + size)
+        grouped: dict[tuple, list[list[int]]] = {}
+        for js in units.values():
+            pattern = tuple((slots[j].widths, slots[j].weight) for j in js)
+            d = op._shapes[slots[js[0]].indices[0]][0]
+            grouped.setdefault((d, pattern), []).append(js)
+        self.slots = slots
+        self.members = list(grouped.values())  # per group, per layer its slots
+        self.keys = list(grouped)
+        # per group, per block of the pattern: its columns in the layer's block
+        self.columns: list[list[tuple[int, int]]] = []
+        self.place: dict[str, tuple[int, int]] = {}  # layer -> (group, position)
+        indices = []
+        for g, ((d, pattern), members) in enumerate(grouped.items()):
+            cols, col = [], 0
+            for widths, _ in pattern:
+                cols.append((col, col + sum(widths)))
+                col += sum(widths)
+            self.columns.append(cols)
+            for pos, js in enumerate(members):
+                self.place[slots[js[0]].layer] = (g, pos)
+            # where each entry of the stacked (k, d, c) blocks sits in the vector: host
+            # bookkeeping (numpy: no tensor operations), one transfer for the whole gather
+            by_block = list(zip(*members))
+            pieces = [np.array([starts[slots[j].indices[q]] for j in js])[:, None, None]
+                      + np.arange(d * w).reshape(1, d, w)
+                      for js in by_block for q, w in enumerate(slots[js[0]].widths)]
+            indices.append(np.concatenate(pieces, axis=2).reshape(-1))
+        perm = np.concatenate(indices)
+        self.perm = (None if np.array_equal(perm, np.arange(perm.size))
+                     else torch.from_numpy(perm).to(op.device))
+        self.sizes = [len(members) * d * sum(w for widths, _ in pattern for w in widths)
+                      for (d, pattern), members in grouped.items()]
 
-    def apply(self, j: int, M: torch.Tensor) -> torch.Tensor:
-        left, right = self.left[j], self.right[j]
-        scale = None if self.scale is None else self.scale[j]
-        if scale is None or right is None:
-            out = _left(left, M)
-            return out if right is None else _right(out, right)
-        T = _right(_left(left.T, M), right)
-        T = _left(left, T * (scale if M.ndim == 2 else scale[..., None]))
-        return _right(T, right.T)
+    def width(self, g: int) -> int:
+        return self.columns[g][-1][1]
+
+    def has_input_factor(self, g: int) -> bool:
+        return any(weight for _, weight in self.keys[g][1])
+
+    def weight_columns(self, layer: str) -> tuple[int, int]:
+        """The columns of ``layer``'s weight (with a joint bias) in its block."""
+        g, _ = self.place[layer]
+        return next(cols for cols, (_, weight) in zip(self.columns[g], self.keys[g][1])
+                    if weight)
+
+    def pad_input_side(self, g: int, R: torch.Tensor) -> None:
+        """The 1 of each separate bias on the diagonal of the stacked ``R``, in place."""
+        for (a, _), (_, weight) in zip(self.columns[g], self.keys[g][1]):
+            if not weight:  # a bias: one column
+                R[:, a, a].fill_(1)
+
+
+class _Blocks:
+    """The block-diagonal map of a Kronecker-factored operator, one block per layer
+    (:class:`_Layout`): ``M -> left M right`` (``right is None``: ``left M``) or, with
+    ``scale``, the eigenbasis form ``M -> Q_B ((Q_Bᵀ M Q_A) * scale) Q_Aᵀ``
+    (``left = Q_B``, ``right = Q_A``, ``scale`` ``(d_out, c)``).
+
+    Each group's matrices are stacked once, so a product is two batched matmuls per
+    group (four in the eigenbasis form), not per layer: on a GPU, at these sizes, the
+    time of a product is mostly the host's issuing of operations. The vector's entries
+    go into group order with one precomputed gather and come back with one scatter.
+    """
+
+    def __init__(self, layout: _Layout, groups: list[_Group]) -> None:
+        self.layout, self.groups = layout, groups
+        self.dtype = groups[0].left.dtype
+
+    @classmethod
+    def of(cls, layout: _Layout, left: Sequence[torch.Tensor],
+           right: Sequence[torch.Tensor | None],
+           scale: Sequence[torch.Tensor] | None = None) -> _Blocks:
+        """From per-block lists (one entry per :class:`_Slot`; a weight and its separate
+        bias share ``left``). A layer with a bias alone in the eigenbasis form is formed
+        once as ``Q_B diag(scale) Q_Bᵀ``: one matmul instead of four."""
+        groups = []
+        for g, members in enumerate(layout.members):
+            by_block = list(zip(*members))  # per block of the pattern, its slots
+            L = _stacked([left[js[0]] for js in members])
+            R: torch.Tensor | None = None
+            if len(by_block) == 1 and layout.has_input_factor(g):
+                R = _stacked([_present(right[j]) for j in by_block[0]])
+            elif layout.has_input_factor(g):
+                c = layout.width(g)
+                R = L.new_zeros(len(members), c, c)
+                layout.pad_input_side(g, R)
+                for block, (a, b) in zip(by_block, layout.columns[g]):
+                    if layout.slots[block[0]].weight:
+                        R[:, a:b, a:b].copy_(_stacked([_present(right[j]) for j in block]))
+            S = None if scale is None else (
+                _stacked([scale[j] for j in by_block[0]]) if len(by_block) == 1 else
+                torch.cat([_stacked([scale[j] for j in js]) for js in by_block], dim=2))
+            if R is None and S is not None:
+                L, S = torch.bmm(L * S[:, None, :, 0], L.mT), None
+            groups.append(_Group(L, R, S))
+        return cls(layout, groups)
+
+    def slot_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per block ``left`` and ``right`` as views of the stacks (``right`` ``None``
+        for a bias alone; blocks of one layer share one ``left`` tensor), so that a
+        caller need not keep a second copy."""
+        layout = self.layout
+        left: list[torch.Tensor] = [torch.empty(0)] * len(layout.slots)
+        right: list[torch.Tensor | None] = [None] * len(layout.slots)
+        for group, members, columns in zip(self.groups, layout.members, layout.columns):
+            lefts = group.left.unbind(0)
+            rights = group.right.unbind(0) if group.right is not None else None
+            for pos, js in enumerate(members):
+                for j, (a, b) in zip(js, columns):
+                    left[j] = lefts[pos]
+                    if layout.slots[j].weight and rights is not None:
+                        R = rights[pos]
+                        right[j] = R if b - a == R.shape[0] else R[a:b, a:b]
+        return left, right
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``V -> blockdiag(...) V`` for an ``(n, m)`` block ``V``: a gather, per group
+        two (four) batched matmuls, a concatenation and a scatter. One vector goes
+        through ``(k, d, c)`` stacks: without the vector axis there are no reshapes and
+        transposes around the matmuls."""
+        m = V.shape[1]
+        perm, sizes = self.layout.perm, self.layout.sizes
+        X = V if perm is None else V.index_select(0, perm)
+        pieces = X.split(sizes) if len(sizes) > 1 else (X,)
+        outs = []
+        for group, piece in zip(self.groups, pieces):
+            k, d, c = group.block
+            if m == 1:  # the batched matmul's result is contiguous: a view
+                outs.append(group.apply(piece.view(k, d, c)).view(-1, 1))
+            else:
+                outs.append(group.apply(piece.view(k, d, c, m)).reshape(-1, m))
+        Y = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return Y if perm is None else torch.empty_like(Y).index_copy_(0, perm, Y)
+
+
+def _stacked(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(k, ...)`` from ``k`` equal-shaped tensors; a view for ``k = 1``."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(list(ts))
+
+
+def _present(t: torch.Tensor | None) -> torch.Tensor:
+    assert t is not None  # the group's pattern says which blocks have one
+    return t
+
+
+def _in_factor_dtype(op: ParameterOperator, blocks: _Blocks, V: torch.Tensor) -> torch.Tensor:
+    """``blocks.matmat(V)`` in the factors' dtype, returned in ``op``'s."""
+    dtype = blocks.dtype
+    out = blocks.matmat(V if V.dtype == dtype else V.to(dtype))
+    return out if out.dtype == op.dtype else out.to(op.dtype)
 
 
 def _left(L: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """``L`` applied to the first axis of ``(d, c)`` or ``(d, c, m)``: one matmul."""
-    if T.ndim == 2:
-        return L @ T
-    return (L @ T.reshape(T.shape[0], -1)).reshape(L.shape[0], *T.shape[1:])
+    """Stacked ``L`` ``(k, d', d)`` applied to the second axis of ``(k, d, c)`` or
+    ``(k, d, c, m)``: one batched matmul."""
+    if T.ndim == 3:
+        return torch.bmm(L, T)
+    k, d, c, m = T.shape
+    return torch.bmm(L, T.reshape(k, d, c * m)).view(k, L.shape[1], c, m)
 
 
 def _right(T: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """``(d, c)`` or ``(d, c, m)`` times ``R`` over its second axis: one matmul."""
-    if T.ndim == 2:
-        return T @ R
-    d, c, m = T.shape
-    return (T.transpose(1, 2).reshape(d * m, c) @ R).reshape(d, m, -1).transpose(1, 2)
-
-
-def _kronecker_matmat(op: ParameterOperator, slots: Sequence[_Slot], blocks: _Blocks,
-                      dtype: torch.dtype, V: torch.Tensor) -> torch.Tensor:
-    """``V -> blockdiag(...) V`` for an ``(n, m)`` block ``V`` of ``op``'s vectors.
-
-    A parameter's rows of ``V`` are already its ``(d_out, w, m)`` block (row-major
-    flattening), so no transposes: per block one or two matmuls each side. One vector
-    goes through plain ``(d_out, w)`` matrices: without the vector axis there are no
-    reshapes and transposes around the matmuls, and for small layers the product's
-    cost is mostly the host's time per operation.
-    """
-    V = V.to(dtype)
-    m = V.shape[1]
-    pieces = V.split(op._sizes)
-    out: list[torch.Tensor] = list(pieces)
-    for j, slot in enumerate(slots):
-        shape = (op._shapes[slot.indices[0]][0], -1) + (() if m == 1 else (m,))
-        cols = [pieces[i].reshape(shape) for i in slot.indices]
-        R = blocks.apply(j, cols[0] if len(cols) == 1 else torch.cat(cols, dim=1))
-        if len(cols) == 1:
-            out[slot.indices[0]] = R.reshape(-1, m)
-            continue
-        for idx, piece in zip(slot.indices, R.split(list(slot.widths), dim=1)):
-            out[idx] = piece.reshape(-1, m)
-    return torch.cat(out).to(op.dtype)
+    """``(k, d, c)`` or ``(k, d, c, m)`` times stacked ``R`` ``(k, c, c')`` over its third
+    axis: one batched matmul."""
+    if T.ndim == 3:
+        return torch.bmm(T, R)
+    k, d, c, m = T.shape
+    out = torch.bmm(T.transpose(2, 3).reshape(k, d * m, c), R)
+    return out.view(k, d, m, -1).transpose(2, 3)
 
 
 class KFACOperator(SeededDraws, CurvatureOperator):
@@ -322,7 +467,10 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         with self._stage(None):
             self._layers = self._find_layers()
             self._slots = self._make_slots()
-        self._A, self._B, self.num_examples = self._compute_factors()
+            self._layout = _Layout(self)
+        # the factors are accumulated in the product's stacks: one copy of them
+        self._factor_blocks, self.num_examples = self._compute_factors()
+        self._factor_views: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None
         self._eig: list[_Eigh] | None = None
 
     # -- layers and blocks -----------------------------------------------------------
@@ -390,13 +538,14 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         """One pass over this rank's data with hooks on the layers.
 
         Per batch (or microbatch): ``on_inputs(layer, x)`` for each call of a layer
-        (``x`` its input rows: ``(N_l, S, c)`` for the weight, ``c`` with a 1 appended
-        for a joint block, patches for a convolution), then per backpropagated vector
-        ``on_grads(layer, kept, g, weight)`` with ``g`` ``(N_l, S, d_out)`` the gradient
-        of that vector at the layer's output and ``kept`` what ``on_inputs`` returned
-        for that call with ``keep_inputs`` (so work on the inputs happens once per
-        batch, not once per vector), else ``None``: the inputs are released once
-        ``on_inputs`` has seen them. Returns the batches' losses and the examples.
+        (``x`` its input rows: ``(N_l, ..., c)`` for the weight, every middle axis shared,
+        ``c`` with a 1 appended for a joint block, patches for a convolution), then per
+        backpropagated vector ``on_grads(layer, kept, g, weight)`` with ``g``
+        ``(N_l, ..., d_out)`` the gradient of that vector at the layer's output and
+        ``kept`` what ``on_inputs`` returned for that call with ``keep_inputs`` (so work
+        on the inputs happens once per batch, not once per vector), else ``None``: the
+        inputs are released once ``on_inputs`` has seen them. Returns the batches'
+        losses and the examples.
         """
         losses = BatchLosses()
         examples = 0.0
@@ -500,7 +649,9 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                       for c in range(root.width)], 1.0
 
     def _layer_input(self, layer: _Layer, args: tuple) -> torch.Tensor:
-        """The layer's input as ``(N_l, S, c)`` rows of the factor dtype."""
+        """The layer's input as ``(N_l, ..., c)`` rows of the factor dtype (a linear
+        layer's input as it is: reshaping it is left to the caller, which needs one
+        reshape, not two)."""
         if len(args) != 1:
             raise TypeError(f"layer '{layer.name}' is called with {len(args)} inputs, not 1")
         x = args[0].detach()
@@ -514,8 +665,6 @@ class KFACOperator(SeededDraws, CurvatureOperator):
             )
         if isinstance(module, nn.Conv2d):
             x = _patches(x, module)
-        else:
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
         if self._joint(layer):
             x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
         return x
@@ -524,62 +673,66 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         # autograd.grad without create_graph gives tensors outside any graph: no detach
         if g.dtype != self.factor_dtype:
             g = g.to(self.factor_dtype)
-        if isinstance(layer.module, nn.Conv2d):
-            g = g.movedim(1, -1)
-        return g.reshape(g.shape[0], -1, g.shape[-1])
+        # (N_l, ..., d_out), channels last
+        return g.movedim(1, -1) if isinstance(layer.module, nn.Conv2d) else g
 
-    def _compute_factors(self) -> tuple[list[torch.Tensor | None], list[torch.Tensor], float]:
-        dtype, device = self.factor_dtype, self.device
+    def _compute_factors(self) -> tuple[_Blocks, float]:
+        """The factors, summed over the data straight into the stacks of the product
+        (:class:`_Layout`): ``B`` for each layer, ``A`` beside a separate bias's 1.
+        Returns the product's blocks and ``N``."""
+        dtype, device, layout = self.factor_dtype, self.device, self._layout
+        reduce = self.kfac_approx == "reduce"
+        lefts = [torch.zeros(len(m), k[0], k[0], dtype=dtype, device=device)
+                 for m, k in zip(layout.members, layout.keys)]
+        rights = [torch.zeros(len(m), layout.width(g), layout.width(g), dtype=dtype,
+                              device=device) if layout.has_input_factor(g) else None
+                  for g, m in enumerate(layout.members)]
+        # per layer the views its batches add to
         A: dict[str, torch.Tensor] = {}
         B: dict[str, torch.Tensor] = {}
-        reduce = self.kfac_approx == "reduce"
+        for layer in self._layers:
+            g, pos = layout.place[layer.name]
+            B[layer.name] = lefts[g][pos]
+            right = rights[g]
+            if layer.weight is not None and right is not None:
+                a, b = layout.weight_columns(layer.name)
+                A[layer.name] = right[pos] if b - a == right.shape[1] else right[pos, a:b, a:b]
 
         def on_inputs(layer: _Layer, x: torch.Tensor) -> None:
             if layer.weight is None:
                 return
             if reduce:
-                rows, share = x.mean(dim=1), 1
+                rows, share = (x if x.ndim == 2 else _per_example(x).mean(dim=1)), 1
             else:
-                rows, share = x.reshape(-1, x.shape[-1]), x.shape[1]
-            _add_gram(A, layer.name, rows, 1 / share)
+                rows, share = _rows(x), math.prod(x.shape[1:-1])
+            A[layer.name].addmm_(rows.mT, rows, alpha=1 / share)
 
         def on_grads(layer: _Layer, x, g: torch.Tensor, weight: float) -> None:
-            rows = g.sum(dim=1) if reduce else g.reshape(-1, g.shape[-1])
-            _add_gram(B, layer.name, rows, weight)
+            rows = (g if g.ndim == 2 else _per_example(g).sum(dim=1)) if reduce else _rows(g)
+            B[layer.name].addmm_(rows.mT, rows, alpha=weight)
 
         def local() -> tuple[BatchLosses, list[torch.Tensor]]:
             losses, examples = self._walk(on_inputs, on_grads)
-            parts = []
-            for layer in self._layers:
-                d_out = layer.d_out
-                if layer.weight is not None:
-                    size = sum(self._slot_of(layer.weight).widths)
-                    parts.append(A[layer.name] if layer.name in A else torch.zeros(
-                        size, size, dtype=dtype, device=device))
-                parts.append(B[layer.name] if layer.name in B else torch.zeros(
-                    d_out, d_out, dtype=dtype, device=device))
             # the count is summed over the ranks with the factors, in their dtype; alone,
             # it is rounded to that dtype on the host (no transfer to the device and back)
-            parts.append(torch.tensor([examples], dtype=dtype,
-                                      device=device if self.distributed else "cpu"))
-            return losses, parts
+            count = torch.tensor([examples], dtype=dtype,
+                                 device=device if self.distributed else "cpu")
+            return losses, [*lefts, *(r for r in rights if r is not None), count]
 
         parts = self._summed_over_ranks(local, "the construction of the Kronecker factors")
-        examples = float(parts.pop())
+        examples = float(parts[-1])
         if examples <= 0:
             raise ValueError("the data has no examples: KFAC's input covariances are empty")
-        pieces = iter(parts)
-        layer_A, layer_B = {}, {}
-        for layer in self._layers:
-            if layer.weight is not None:
-                layer_A[layer.name] = next(pieces) / examples
-            layer_B[layer.name] = next(pieces)
-        As = [layer_A[s.layer] if s.weight else None for s in self._slots]
-        Bs = [layer_B[s.layer] for s in self._slots]
-        return As, Bs, examples
-
-    def _slot_of(self, index: int) -> _Slot:
-        return next(s for s in self._slots if index in s.indices)
+        summed = iter(parts[len(lefts):-1])
+        groups = []
+        for g, left in enumerate(parts[:len(lefts)]):
+            right = next(summed) if rights[g] is not None else None
+            if right is not None:
+                # by the count tensor itself: a Python float would be wrapped and cast
+                right.div_(parts[-1])
+                layout.pad_input_side(g, right)
+            groups.append(_Group(left, right, None))
+        return _Blocks(layout, groups), examples
 
     def _summed_over_ranks(self, local, what: str) -> list[torch.Tensor]:
         """``local()``'s tensors, summed over the ranks with one all-reduce; a NaN/inf
@@ -603,17 +756,24 @@ class KFACOperator(SeededDraws, CurvatureOperator):
 
     # -- products ----------------------------------------------------------------------
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        return _kronecker_matmat(self, self._slots, self._blocks(), self.factor_dtype, V)
+        return _in_factor_dtype(self, self._blocks(), V)
 
     def _blocks(self) -> _Blocks:
-        return _Blocks(self._B, self._A)
+        return self._factor_blocks
+
+    def _factor_lists(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per block ``B`` and ``A`` (``None`` for a bias alone): views of the product's
+        stacks, formed on first use (products need none of them)."""
+        if self._factor_views is None:
+            self._factor_views = self._factor_blocks.slot_views()
+        return self._factor_views
 
     @property
     def factors(self) -> list[KroneckerFactor]:
         """The Kronecker blocks, in parameter order (a weight and its separate bias
         share one ``B`` tensor)."""
         return [KroneckerFactor(s.layer, tuple(self.param_names[i] for i in s.indices), A, B)
-                for s, A, B in zip(self._slots, self._A, self._B)]
+                for s, B, A in zip(self._slots, *self._factor_lists())]
 
     # -- closed forms from the factors -------------------------------------------------
     def _eigendecompositions(self) -> list[_Eigh]:
@@ -629,7 +789,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                 return done[id(M)]
 
             self._eig = [(*eigh(B), *(eigh(A) if A is not None else (None, None)))
-                         for A, B in zip(self._A, self._B)]
+                         for B, A in zip(*self._factor_lists())]
         return self._eig
 
     def _block_eigenvalues(self) -> list[torch.Tensor]:
@@ -674,7 +834,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
     def trace(self) -> float:
         """``tr = sum over blocks of tr(A) tr(B)`` (``tr(A) = 1`` for a bias alone)."""
         return float(sum(float(B.trace()) * (float(A.trace()) if A is not None else 1.0)
-                         for A, B in zip(self._A, self._B)))
+                         for B, A in zip(*self._factor_lists())))
 
     def logdet(self, damping: float = 0.0) -> float:
         """``log det(K + damping I)``, exact from the eigenvalues (Laplace's marginal
@@ -716,7 +876,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
           eigendecompositions: ``Q ((λ_B λ_Aᵀ + δ)⁻¹) Qᵀ``.
 
         Cost: one ``eigh`` per factor (cached with the operator); each product is two
-        matmuls per block (``"factors"``, ``"heuristic"``) or four (``"exact"``).
+        batched matmuls per group of equal-shaped layers (``"factors"``, ``"heuristic"``)
+        or four (``"exact"``).
 
         Raises:
             ValueError: a damped factor (or ``K + δ I``) is singular to working
@@ -739,7 +900,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         if mode == "exact":
             scale = [_inverted(e, damp_a, f"K + {damp_a:g} I in block {self._name(j)}")
                      for j, e in enumerate(self._block_eigenvalues())]
-            blocks = _Blocks([e[1] for e in eig], [e[3] for e in eig], scale)
+            blocks = _Blocks.of(self._layout, [e[1] for e in eig], [e[3] for e in eig], scale)
             return KFACInverseOperator(self, blocks, f"(K + {damp_a:g} I)^-1")
         # a layer's damping pair, also for its bias when that is a block of its own
         # (curvlinops damps the layer's one B for both)
@@ -763,7 +924,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
             else:
                 right.append((qa * _inverted(la, da, f"A + {da:g} I of block {name}")) @ qa.T)
         what = "heuristically damped" if mode == "heuristic" else f"damping {damping}"
-        return KFACInverseOperator(self, _Blocks(left, right), f"KFAC^-1 ({what})")
+        return KFACInverseOperator(self, _Blocks.of(self._layout, left, right),
+                                   f"KFAC^-1 ({what})")
 
     def _name(self, j: int) -> str:
         return "/".join(self.param_names[i] for i in self._slots[j].indices)
@@ -805,6 +967,7 @@ class EKFACOperator(KFACOperator):
         def on_inputs(layer: _Layer, x: torch.Tensor) -> dict[int, torch.Tensor]:
             # the inputs in the eigenbasis, once per batch for all its backpropagated
             # vectors (x has the 1 appended exactly when the block is joint)
+            x = _per_example(x)
             return {j: x @ q for j in slots_of[layer.name] if (q := eig[j][3]) is not None}
 
         def on_grads(layer: _Layer, xq, g: torch.Tensor, weight: float) -> None:
@@ -812,7 +975,7 @@ class EKFACOperator(KFACOperator):
             for j in slots_of[layer.name]:
                 _, qb, _, qa = eig[j]
                 if id(qb) not in rotated:
-                    rotated[id(qb)] = g @ qb  # (N, S, d_out)
+                    rotated[id(qb)] = _per_example(g) @ qb  # (N, S, d_out)
                 gq = rotated[id(qb)]
                 if qa is None:
                     E[j].add_((gq.sum(dim=1) ** 2).sum(dim=0)[:, None], alpha=weight)
@@ -826,10 +989,10 @@ class EKFACOperator(KFACOperator):
         return self._summed_over_ranks(local, "the construction of EKFAC's eigenvalues")
 
     def _blocks(self) -> _Blocks:
-        if self._eigenbasis_blocks is None:  # formed once: bias blocks are matmuls
+        if self._eigenbasis_blocks is None:  # formed once: stacked, bias blocks as matmuls
             eig = self._eigendecompositions()
-            self._eigenbasis_blocks = _Blocks([e[1] for e in eig], [e[3] for e in eig],
-                                              self._corrected)
+            self._eigenbasis_blocks = _Blocks.of(
+                self._layout, [e[1] for e in eig], [e[3] for e in eig], self._corrected)
         return self._eigenbasis_blocks
 
     def _block_eigenvalues(self) -> list[torch.Tensor]:
@@ -858,8 +1021,8 @@ class EKFACOperator(KFACOperator):
         eig = self._eigendecompositions()
         scale = [_inverted(e, delta, f"EKFAC + {delta:g} I in block {self._name(j)}")
                  for j, e in enumerate(self._corrected)]
-        return KFACInverseOperator(self, _Blocks([e[1] for e in eig], [e[3] for e in eig],
-                                                 scale), f"(EKFAC + {delta:g} I)^-1")
+        blocks = _Blocks.of(self._layout, [e[1] for e in eig], [e[3] for e in eig], scale)
+        return KFACInverseOperator(self, blocks, f"(EKFAC + {delta:g} I)^-1")
 
 
 class KFACInverseOperator(ParameterOperator):
@@ -880,8 +1043,7 @@ class KFACInverseOperator(ParameterOperator):
         self._blocks = blocks
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        op = self.operator
-        return _kronecker_matmat(self, op._slots, self._blocks, op.factor_dtype, V)
+        return _in_factor_dtype(self, self._blocks, V)
 
     def __repr__(self) -> str:
         return f"<KFACInverseOperator {self.description} n={self.n} dtype={self.dtype}>"
@@ -925,17 +1087,14 @@ def _output_edge(output: torch.Tensor, stock: bool) -> _Edge | None:
     return None
 
 
-def _add_gram(store: dict[str, torch.Tensor], key: str, rows: torch.Tensor,
-              alpha: float) -> None:
-    """``store[key] += alpha rowsᵀ rows`` (``rows`` ``(R, c)``): one ``addmm_``, the scale
-    and the sum in the matmul's epilogue, instead of a matmul, a scaling and an addition
-    with two ``(c, c)`` temporaries per batch."""
-    if key in store:
-        store[key].addmm_(rows.T, rows, alpha=alpha)
-    else:
-        store[key] = torch.mm(rows.T, rows)
-        if alpha != 1:
-            store[key].mul_(alpha)
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, ..., c)`` as ``(R, c)`` rows (no operation for ``(N, c)``)."""
+    return x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _per_example(x: torch.Tensor) -> torch.Tensor:
+    """``(N, ..., c)`` as ``(N, S, c)``: its middle axes as one shared axis."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _squared_per_example_gradients(gq: torch.Tensor, xq: torch.Tensor,
