@@ -301,18 +301,24 @@ class ParameterOperator(LinearOperator):
         """``A @ v`` in the parameter-shaped form: a list shaped like the parameters."""
         return self.unflatten(self.matvec(self.flatten(tensors)))
 
-    def _split_block(self, V: torch.Tensor) -> ParameterBlock:
-        """Split ``(n, m)`` into per-parameter blocks of shape ``(m, *param.shape)``."""
+    def _split_block(self, V: torch.Tensor, rows: bool = True) -> ParameterBlock:
+        """Split ``(n, m)`` into per-parameter blocks of shape ``(m, *param.shape)``.
+
+        A one-vector block also has its parameter-shaped vectors
+        (:attr:`ParameterBlock.vectors`); without ``rows`` it has only those (no
+        entries), for kernels that read nothing else: the views of a model with many
+        parameter tensors cost a dispatched op each."""
         m = V.shape[1]
         if m == 1:
             # a column of a 2-D tensor is 1-D, so each piece views as any shape
             flat = V[:, 0]
             if self._view_plans is None:
-                block = ParameterBlock(self._param_views(flat, row=True))
+                block = ParameterBlock(self._param_views(flat, row=True) if rows else ())
                 block._vectors = self._param_views(flat)
             else:  # _param_views, inline: once per product
-                vectors, rows = self._view_plans
-                block = ParameterBlock(torch._C._nn.unflatten_dense_tensors(flat, rows))
+                vectors, row_plans = self._view_plans
+                block = ParameterBlock(torch._C._nn.unflatten_dense_tensors(flat, row_plans)
+                                       if rows else ())
                 block._vectors = list(torch._C._nn.unflatten_dense_tensors(flat, vectors))
             return block
         return ParameterBlock(
@@ -330,7 +336,8 @@ class ParameterBlock(list):
     :attr:`vectors` gives a one-vector block as parameter-shaped tensors, made once per
     product instead of once per batch: the per-batch kernels of a matvec then index
     nothing (each view is a dispatched op, and a model with many parameter tensors
-    pays them on every batch).
+    pays them on every batch). A one-vector block made for kernels that read only
+    :attr:`vectors` holds no entries (``ParameterOperator._split_block(V, rows=False)``).
     """
 
     _vectors: list[torch.Tensor] | None = None

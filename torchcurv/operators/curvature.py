@@ -136,6 +136,7 @@ class CurvatureOperator(ParameterOperator):
         # along a NaN; not KFAC, whose products are no walk over the data.
         d = self.derivative
         self._folds_finite_check = d is not None and not d.perturbs_params
+        self._one_vector_rows = d is None or d.one_vector_rows
         # On the CPU a foreach add is one add per tensor: a one-vector product adds each
         # batch in as one flattened tensor instead (two kernels, whatever the model)
         self._flat_adds = self.device.type == "cpu"
@@ -492,7 +493,8 @@ class CurvatureOperator(ParameterOperator):
         graphs = self._graphs
         with preserved(self.model, guard=self._guard), graphs.lock if graphs else _UNLOCKED:
             # a recorded graph reads the vectors from its own buffer
-            blocks = self._split_block(V) if graphs is None else graphs.start(V)
+            blocks = (self._split_block(V, self._one_vector_rows) if graphs is None
+                      else graphs.start(V))
             for position, (i, batch, scale) in enumerate(self._batches(losses)):
                 if enter is not None:
                     enter(i)
