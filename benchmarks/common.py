@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from torchcurv.operators.base import LinearOperator
+from torchcurv.operators.counting import HostReads
 
 _OUT: list[Path] = []
 
@@ -54,8 +55,10 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int = 5, warmup:
 
 def op_counts(fn: Callable[[], object], device: torch.device) -> dict:
     """What one call of ``fn`` dispatches, after a warm-up call: aten operators (every
-    ``aten::`` event, nested ones included), host syncs (``aten::_local_scalar_dense``:
-    ``.item()``, ``float(t)``, ``bool(t)``) and, on CUDA, kernel launches."""
+    ``aten::`` event, nested ones included), host syncs (the reads of tensor values on
+    the host that :class:`~torchcurv.operators.counting.HostReads` counts: ``.item()``,
+    ``float(t)``, ``bool(t)``, ``torch.equal``, ``.tolist()``; from a further call) and,
+    on CUDA, kernel launches."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
@@ -66,9 +69,11 @@ def op_counts(fn: Callable[[], object], device: torch.device) -> dict:
         fn()
         sync(device)
     events = p.key_averages()
+    with HostReads() as reads:
+        fn()
+        sync(device)
     counts = dict(aten_ops=sum(e.count for e in events if e.key.startswith("aten::")),
-                  host_syncs=sum(e.count for e in events
-                                 if e.key == "aten::_local_scalar_dense"))
+                  host_syncs=reads.count)
     if device.type == "cuda":
         counts["launches"] = sum(e.count for e in events if e.key in (
             "cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))

@@ -211,9 +211,32 @@ def check_nonfinite_loss_raises_on_every_rank(rank):
         op @ torch.ones(op.n, dtype=torch.float64)
 
 
+def check_nonfinite_vector_raises_on_every_rank(rank):
+    # the vectors' check is read back with the losses at the product's end, where a NaN
+    # loss on one rank must not take its place; the next product still pairs up
+    model, criterion, data = case("mlp_tanh", "ce")
+    shard = [(x.clone(), y) for x, y in shard_of(data, rank)]
+    if rank == 1:
+        shard[0][0][0, 0] = float("nan")
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    bad = v.clone()
+    bad[3] = float("nan")
+    for _, op in _operators(model, criterion, shard, check_deterministic=False):
+        with pytest.raises(torchcurv.OperatorInputError,
+                           match=r"1 non-finite entries \(NaN/inf\)"):
+            op.matvec(bad)
+        with pytest.raises(torchcurv.NonFiniteLossError):
+            op.matvec(v)
+    clean = shard_of(data, rank)
+    for name, op in _operators(model, criterion, clean, check_deterministic=False):
+        with pytest.raises(torchcurv.OperatorInputError, match="non-finite entries"):
+            op.matvec(bad)
+        _same_on_all_ranks(op.matvec(v), f"{name} after a refused vector")
+
+
 CHECKS = [check_products, check_budgeted_blocks, check_mc_fisher, check_eigsh, check_randomized,
           check_fsdp2_finite_difference, check_failure_does_not_hang,
-          check_nonfinite_loss_raises_on_every_rank]
+          check_nonfinite_loss_raises_on_every_rank, check_nonfinite_vector_raises_on_every_rank]
 
 
 @pytest.fixture(scope="module")

@@ -112,3 +112,47 @@ def test_results_keep_vector_kind_shape_dtype_and_count_matvecs():
     out = H.matmat(torch.ones(H.n, 3, dtype=torch.float64))
     assert out.shape == (H.n, 3) and out.dtype == torch.float64
     assert H.num_matvecs == 5 and H.num_calls == 3
+
+
+class _WithUnused(nn.Module):
+    """A linear layer and a parameter the forward never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.unused = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("method", ["autograd", "forward_over_reverse"])
+def test_parameters_the_loss_ignores_or_is_linear_in_have_zero_hessian_rows(method):
+    # no second derivative reaches them: their rows of H are exactly zero, for one
+    # vector (parameter-shaped kernels) as for a block
+    torch.manual_seed(0)
+    model = _WithUnused()
+    data = [(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64))
+            for _ in range(2)]
+    criterion = nn.MSELoss(reduction="sum")
+    H = torchcurv.HessianOperator(model, criterion, data, method=method)
+    expected = explicit_hessian(model, criterion, data)
+    assert rel(H.to_dense(chunk_size=3), expected) < 1e-12
+    v = torch.randn(H.n, dtype=torch.float64)
+    assert rel(H.matvec(v), expected @ v) < 1e-12
+    unused = torch.zeros(H.n, dtype=torch.bool)
+    start = _offset(H, "unused")
+    unused[start:start + 4] = True
+    assert torch.equal(H.matvec(v)[unused], torch.zeros(4, dtype=torch.float64))
+    # the loss linear in the selected parameters (the bias under a linear loss): H = 0
+    linear = torchcurv.Objective.from_loss_fn(
+        lambda m, b: (m(b[0]) * b[1]).sum(), reduction="sum")
+    L = torchcurv.HessianOperator(model, linear, data, method=method,
+                                  params=[model.lin.bias, model.unused])
+    for V in (torch.randn(L.n, dtype=torch.float64), torch.randn(L.n, 3, dtype=torch.float64)):
+        assert torch.equal(L @ V, torch.zeros_like(V))
+
+
+def _offset(op, name: str) -> int:
+    sizes = [p.numel() for p in op.params]
+    return sum(sizes[:op.param_names.index(name)])

@@ -14,11 +14,11 @@ import torch
 from curvature_oracles import explicit_empirical_fisher, explicit_ggn
 from curvlinops.inverse import KFACInverseLinearOperator
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from zoo import DT, assert_unchanged, rel, snapshot
 
 import torchcurv
 from torchcurv.losses import hessian_sqrt
+from torchcurv.operators.counting import HostReads
 
 TOL = 1e-10
 
@@ -462,20 +462,6 @@ def test_cuda_float32_agrees_with_the_cpu_float64_operator():
     assert abs(K32.logdet(0.1) - K64.logdet(0.1)) < 1e-4 * abs(K64.logdet(0.1))
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts reads of a tensor's value on the host (``.item()``, ``float()``,
-    ``bool()``, ``.tolist()``): on a GPU each one waits for the device to catch up."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("fisher_type", ["mc", "empirical", "type-2"])
 @pytest.mark.parametrize("kind, loss", [("mlp", "ce"), ("sequence", "mse"), ("mlp", "bce")])
 def test_a_pass_over_the_data_reads_nothing_back_per_batch(kind, loss, fisher_type):
@@ -486,7 +472,7 @@ def test_a_pass_over_the_data_reads_nothing_back_per_batch(kind, loss, fisher_ty
         model, data = _case(kind, loss, sizes)
         K = torchcurv.EKFACOperator(model, CRITERIA[loss](), data, fisher_type=fisher_type,
                                     check_deterministic=False)
-        with _HostReads() as counter:
+        with HostReads() as counter:
             K._compute_factors()
             K._compute_corrections()
         reads.append(counter.count)
@@ -500,7 +486,7 @@ def test_construction_reads_back_as_often_for_2_as_for_5_batches(cls):
     reads = []
     for sizes in ((9, 7), (9, 7, 5, 8, 6)):
         model, data = _case("mlp", "ce", sizes)
-        with _HostReads() as counter:
+        with HostReads() as counter:
             cls(model, nn.CrossEntropyLoss(), data, check_deterministic=False)
         reads.append(counter.count)
     assert reads[0] == reads[1], reads

@@ -6,10 +6,11 @@ import pytest
 import scipy.sparse.linalg as sla
 import torch
 from torch import nn
-from zoo import DT, case
+from zoo import DT, assert_unchanged, case, snapshot
 
 import torchcurv
 from torchcurv import NonFiniteLossError, Objective, OperatorInputError
+from torchcurv.operators.counting import HostReads
 
 
 def _operators():
@@ -81,6 +82,48 @@ def test_a_non_finite_vector_is_refused_through_the_scipy_adapter(name):
     x[4] = np.nan
     with pytest.raises(OperatorInputError, match="non-finite entries"):
         A.matvec(x)
+
+
+@pytest.mark.parametrize("check_deterministic", [True, False])
+@pytest.mark.parametrize("name", ["hessian", "ggn", "ef", "mc_fisher"])
+def test_a_product_reads_back_once_for_its_vectors_and_losses_together(name,
+                                                                       check_deterministic):
+    # the vectors' NaN/inf check, the losses' and (counts not cached at construction)
+    # the data's loss-term count are read back together at the end of the product,
+    # whatever the number of batches; scipy's adapter adds no read
+    cls = type(OPERATORS[name])
+    reads = {}
+    for sizes in ((5, 3), (5, 3, 2, 4, 3)):
+        model, criterion, data = case("mlp_tanh", "ce", sizes=sizes)
+        op = cls(model, criterion, data, check_deterministic=check_deterministic)
+        v = torch.randn(op.n, dtype=DT)
+        op.matvec(v)  # warm-up: first calls may read back once (library set-up)
+        with HostReads() as counter:
+            op.matvec(v)
+        with HostReads() as adapted:
+            torchcurv.as_linear_operator(op).matvec(v.numpy())
+        reads[len(sizes)] = (counter.count, adapted.count)
+    assert reads == {2: (1, 1), 5: (1, 1)}, reads
+
+
+@pytest.mark.parametrize("method", ["autograd", "forward_over_reverse", "finite_difference"])
+def test_a_non_finite_vector_is_reported_before_a_non_finite_loss_model_unchanged(method):
+    # both problems at once: the vector is the caller's to fix first (finite differences
+    # would step along it and blame the loss)
+    model, criterion, data = case("mlp_tanh", "ce")
+    data[1][0][0, 0] = float("nan")
+    H = torchcurv.HessianOperator(model, criterion, data, method=method,
+                                  check_deterministic=False)
+    v = torch.ones(H.n, dtype=DT)
+    before = snapshot(model)
+    with pytest.raises(NonFiniteLossError, match=r"batch\(es\) \[1\]"):
+        H.matvec(v)
+    assert_unchanged(model, before)
+    v[5] = float("inf")
+    with pytest.raises(OperatorInputError, match=r"the vector has 1 non-finite entries"):
+        H.matvec(v)
+    assert_unchanged(model, before)
+    assert (H.num_matvecs, H.num_calls) == (0, 0)
 
 
 # -- 3. a loss that is not a scalar ----------------------------------------------------------

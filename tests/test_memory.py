@@ -18,9 +18,9 @@ def _sub_blocks(op) -> list[int]:
     widths: list[int] = []
     product = op._product
 
-    def counted(V):
+    def counted(V, *inputs):
         widths.append(V.shape[1])
-        return product(V)
+        return product(V, *inputs)
 
     op._product = counted
     return widths

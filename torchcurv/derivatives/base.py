@@ -46,6 +46,10 @@ class Strategy:
             backward (``torch.autograd.grad`` with ``create_graph``) is not traced.
         compile: products run the compiled path (:class:`CompiledKernel`), chosen at
             construction.
+        one_vector_rows: its per-batch kernels read a one-vector block as rows
+            ``(1, *param.shape)``; ``False``: only as parameter-shaped vectors
+            (:attr:`~torchcurv.operators.base.ParameterBlock.vectors`), so the walk
+            over the data makes no rows.
     """
 
     name: ClassVar[str]
@@ -56,6 +60,7 @@ class Strategy:
     walks_data_per_vector: ClassVar[bool] = False
     perturbs_params: ClassVar[bool] = False
     can_compile: ClassVar[bool] = False
+    one_vector_rows: ClassVar[bool] = True
 
     def __init__(self, compile: bool = False) -> None:
         self.compile = compile

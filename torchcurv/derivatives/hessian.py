@@ -75,6 +75,7 @@ class DoubleBackward(_PerBatch):
     name = "autograd"
     needs_second_order = True
     forward_over_reverse = False
+    one_vector_rows = False
 
     def batch_matmat(self, op, batch, scale, blocks):
         return hvp_double_backward(op.model, op.objective, batch, scale, op.params, blocks)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
     from torchcurv.derivatives.base import Strategy
+    from torchcurv.operators.base import FiniteCheck
     from torchcurv.operators.curvature import BatchLosses, CurvatureOperator
 
 LocalProduct = Callable[[torch.Tensor], "tuple[torch.Tensor, BatchLosses]"]
@@ -108,9 +109,10 @@ class Sharding:
 
     # -- products --------------------------------------------------------------------
     def matmat(self, local: LocalProduct, V: torch.Tensor, device: torch.device,
-               debug: bool) -> torch.Tensor:
+               debug: bool, inputs: FiniteCheck | None = None) -> torch.Tensor:
         """``A @ V`` from ``local(V)`` (this rank's share and the losses it saw), in the
-        accumulation dtype, the same on every rank.
+        accumulation dtype, the same on every rank; ``inputs``, the NaN/inf check of
+        ``V``, is read back with the losses and raises first.
 
         Whatever this rank raises (``BaseException``), it joins the product's checkpoint
         with a failure flag, so the others raise too and the next product pairs up.
@@ -119,7 +121,7 @@ class Sharding:
             assert_same_on_all_ranks(V, self.process_group)
         with self.stage(device):
             out, losses = local(V)
-            bad = losses.nonfinite_batches()
+            bad = losses.nonfinite_batches(inputs)
         reached = checkpoint(device, self.process_group, nonfinite=len(bad),
                              what="this curvature product")
         if reached.nonfinite:
@@ -194,9 +196,9 @@ class Local(Sharding):
         return value
 
     def matmat(self, local: LocalProduct, V: torch.Tensor, device: torch.device,
-               debug: bool) -> torch.Tensor:
+               debug: bool, inputs: FiniteCheck | None = None) -> torch.Tensor:
         out, losses = local(V)
-        losses.raise_if_not_finite()
+        losses.raise_if_not_finite(inputs)
         return out
 
 

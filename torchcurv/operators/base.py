@@ -134,10 +134,18 @@ class LinearOperator(ProductCounter):
             # scipy's operators answer an empty block with an empty block; no product
             # happens, so nothing is counted
             return block.new_zeros(block.shape)
-        _check_finite(block, one)
-        out = self._matmat(block)
+        out = self._finite_matmat(block, one)
         self._count(block.shape[1])
         return out.squeeze(1) if one else out
+
+    def _finite_matmat(self, block: torch.Tensor, one: bool) -> torch.Tensor:
+        """``A @ block`` for an ``(n, m)`` block, refusing one with NaN/inf entries
+        (:class:`~torchcurv.OperatorInputError`) before any product. Operators whose
+        product ends in a host read-back of its own override it to finish the check in
+        that read-back (:class:`FiniteCheck`): on a GPU every read-back stalls the host
+        until the device drains."""
+        _check_finite(block, one)
+        return self._matmat(block)
 
     def _check_input(self, V: torch.Tensor) -> torch.Tensor:
         return check_vector(V, self._n, self._dtype, self._device, type(self).__name__)
@@ -177,9 +185,17 @@ def check_vector(
 def _check_finite(block: torch.Tensor, one: bool) -> None:
     """Refuse NaN/inf in the vectors before any product, alike for every operator (a
     product would otherwise return NaN, or blame the loss)."""
-    # the one host sync per product: a sum is finite only if every entry is (a sum that
-    # overflows goes on to the entrywise check, which clears it)
-    if cmath.isfinite(block.sum().item()) or bool(torch.isfinite(block).all()):
+    # one host read-back: a sum is finite only if every entry is (a sum that overflows
+    # goes on to the entrywise check, which clears it)
+    if not cmath.isfinite(block.sum().item()):
+        _check_entries(block, one)
+
+
+def _check_entries(block: torch.Tensor, one: bool) -> None:
+    """The entrywise check after a sum of ``block`` that is not finite: raise the
+    :class:`~torchcurv.OperatorInputError` that counts the NaN/inf entries (and names
+    their columns), or return if there are none (the sum overflowed)."""
+    if bool(torch.isfinite(block).all()):
         return
     bad = (~torch.isfinite(block)).sum(dim=0)
     columns = bad.nonzero().flatten().tolist()
@@ -190,6 +206,29 @@ def _check_finite(block: torch.Tensor, one: bool) -> None:
         shown = ", ".join(map(str, columns[:10])) + (", ..." if len(columns) > 10 else "")
         what = f"the vectors have {count} non-finite entries (NaN/inf) in column(s) [{shown}]"
     raise OperatorInputError(f"{what}; a product with them is undefined")
+
+
+class FiniteCheck:
+    """The NaN/inf check of a product's vectors, begun on the device and finished in the
+    product's own host read-back (the curvature operators' loss check), so that the
+    product reads back once instead of twice.
+
+    :attr:`total` is the block's sum, a 0-d tensor on its device: finite only if every
+    entry is. The product reads it with its other scalars and calls :meth:`refuse` when
+    the values read are not all finite; :meth:`refuse` raises the error
+    :func:`_check_finite` raises (input problems reported as input problems, ahead of
+    any other), or returns if the entries are finite.
+    """
+
+    __slots__ = ("block", "one", "total")
+
+    def __init__(self, block: torch.Tensor, one: bool) -> None:
+        self.block = block
+        self.one = one
+        self.total = block.sum()
+
+    def refuse(self) -> None:
+        _check_entries(self.block, self.one)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -262,18 +301,24 @@ class ParameterOperator(LinearOperator):
         """``A @ v`` in the parameter-shaped form: a list shaped like the parameters."""
         return self.unflatten(self.matvec(self.flatten(tensors)))
 
-    def _split_block(self, V: torch.Tensor) -> ParameterBlock:
-        """Split ``(n, m)`` into per-parameter blocks of shape ``(m, *param.shape)``."""
+    def _split_block(self, V: torch.Tensor, rows: bool = True) -> ParameterBlock:
+        """Split ``(n, m)`` into per-parameter blocks of shape ``(m, *param.shape)``.
+
+        A one-vector block also has its parameter-shaped vectors
+        (:attr:`ParameterBlock.vectors`); without ``rows`` it has only those (no
+        entries), for kernels that read nothing else: the views of a model with many
+        parameter tensors cost a dispatched op each."""
         m = V.shape[1]
         if m == 1:
             # a column of a 2-D tensor is 1-D, so each piece views as any shape
             flat = V[:, 0]
             if self._view_plans is None:
-                block = ParameterBlock(self._param_views(flat, row=True))
+                block = ParameterBlock(self._param_views(flat, row=True) if rows else ())
                 block._vectors = self._param_views(flat)
             else:  # _param_views, inline: once per product
-                vectors, rows = self._view_plans
-                block = ParameterBlock(torch._C._nn.unflatten_dense_tensors(flat, rows))
+                vectors, row_plans = self._view_plans
+                block = ParameterBlock(torch._C._nn.unflatten_dense_tensors(flat, row_plans)
+                                       if rows else ())
                 block._vectors = list(torch._C._nn.unflatten_dense_tensors(flat, vectors))
             return block
         return ParameterBlock(
@@ -291,7 +336,8 @@ class ParameterBlock(list):
     :attr:`vectors` gives a one-vector block as parameter-shaped tensors, made once per
     product instead of once per batch: the per-batch kernels of a matvec then index
     nothing (each view is a dispatched op, and a model with many parameter tensors
-    pays them on every batch).
+    pays them on every batch). A one-vector block made for kernels that read only
+    :attr:`vectors` holds no entries (``ParameterOperator._split_block(V, rows=False)``).
     """
 
     _vectors: list[torch.Tensor] | None = None

@@ -1,10 +1,16 @@
-"""The one count of products, kept alike by operators and their SciPy/CuPy adapters."""
+"""The one count of products, kept alike by operators and their SciPy/CuPy adapters, and
+the count of host read-backs that tests and benchmarks hold products to."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Per thread, the counters paused in it (id -> nesting depth): a check's products in one
 # thread leave another thread's products counted.
@@ -57,3 +63,53 @@ class ProductCounter:
             paused[key] -= 1
             if not paused[key]:
                 del paused[key]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of tensor values on the host in its block, in this thread
+    (:attr:`count`): ``.item()``, ``float()``, ``bool()``, ``torch.equal`` and
+    ``.tolist()``. On a GPU each one stalls the host until the device has caught up, so
+    the launches after it start on an idle device. ``.tolist()`` dispatches no operator
+    on the CPU (it reads the memory directly), so it is counted where Python calls it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._lists = _ListReads(self)
+
+    def __enter__(self) -> HostReads:
+        self._lists.__enter__()
+        try:
+            super().__enter__()
+        except BaseException:
+            self._lists.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._lists.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
+
+
+class _ListReads(TorchFunctionMode):
+    """The ``.tolist()`` calls for :class:`HostReads`."""
+
+    def __init__(self, reads: HostReads) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist:
+            self.reads.count += 1
+        return func(*args, **(kwargs or {}))

@@ -26,7 +26,7 @@ from torchcurv.dtypes import accumulation_dtype
 from torchcurv.errors import DataChangedError, NondeterminismError, NonFiniteLossError
 from torchcurv.objectives import Objective, as_objective
 from torchcurv.operators.attention import differentiable_attention
-from torchcurv.operators.base import ParameterOperator
+from torchcurv.operators.base import FiniteCheck, ParameterOperator
 from torchcurv.operators.config import CurvatureConfig, CurvatureOptions, _short
 from torchcurv.operators.graphs import CudaGraphs
 from torchcurv.operators.memory import MemoryEstimate, PeakMeter, budget_bytes
@@ -130,6 +130,13 @@ class CurvatureOperator(ParameterOperator):
             if microbatch_size is not None:
                 self._check_splittable()
         self._graphs = self._recorder(config.cuda_graphs)
+        # Products that end in the loss check's read-back finish the vectors' NaN/inf
+        # check in it. Not those that perturb the parameters along the vectors (finite
+        # differences), which read the vectors' norms back first and must not step
+        # along a NaN; not KFAC, whose products are no walk over the data.
+        d = self.derivative
+        self._folds_finite_check = d is not None and not d.perturbs_params
+        self._one_vector_rows = d is None or d.one_vector_rows
         # On the CPU a foreach add is one add per tensor: a one-vector product adds each
         # batch in as one flattened tensor instead (two kernels, whatever the model)
         self._flat_adds = self.device.type == "cpu"
@@ -370,7 +377,7 @@ class CurvatureOperator(ParameterOperator):
         """
         raise NotImplementedError
 
-    def _batches(self):
+    def _batches(self, checks: BatchLosses | None = None):
         """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum').
 
         With ``microbatch_size``, one entry per microbatch (``index`` is its batch's, and
@@ -380,8 +387,9 @@ class CurvatureOperator(ParameterOperator):
         Every pass checks that the data is the data construction counted, otherwise
         :class:`~torchcurv.DataChangedError`: as many batches, each with the shapes it
         had (on the host, no kernel); when the loss-term counts are computed anyway (not
-        cached), their sum too (read once at the end of the pass). A pass must therefore
-        be walked to its end.
+        cached), their sum too: read once at the end of the pass, or, given ``checks``
+        (the losses of the product walking it), in their read-back
+        (:meth:`BatchLosses.defer`). A pass must therefore be walked to its end.
         """
         cached = self._batch_weights
         expected = self.batch_counts[self._rank]
@@ -414,9 +422,9 @@ class CurvatureOperator(ParameterOperator):
                         yield i, piece, w / self.total_weight
             elif self.microbatch_size is None:
                 # a tensor count stays on the device: no host sync per batch
-                w = self._as_float64(self.objective.batch_weight(batch))
-                seen.append(w)
-                yield i, batch, w / self.total_weight
+                weight = self._as_float64(self.objective.batch_weight(batch))
+                seen.append(weight)
+                yield i, batch, weight / self.total_weight
             else:
                 # deciding which microbatches to skip needs their counts on the host:
                 # one sync per batch
@@ -433,8 +441,15 @@ class CurvatureOperator(ParameterOperator):
             raise self._data_changed(f"{count} batches, not {expected}")
         if cached is not None and self.objective.reduction == "mean":
             return
-        terms = float(sum(w.double() if isinstance(w, torch.Tensor) else float(w)
-                          for w in seen))
+        terms = sum(w.double() if isinstance(w, torch.Tensor) else float(w) for w in seen)
+        if (checks is not None and isinstance(terms, torch.Tensor) and terms.numel() == 1
+                and terms.device == device):
+            checks.defer(terms, self._check_terms)
+        else:
+            self._check_terms(float(terms))
+
+    def _check_terms(self, terms: float) -> None:
+        """The loss-term count of a pass over the data is the one construction counted."""
         if abs(terms - self._local_weight) > 1e-9 * max(1.0, abs(self._local_weight)):
             raise self._data_changed(
                 f"{terms!r} loss terms, not the {self._local_weight!r} counted")
@@ -459,7 +474,8 @@ class CurvatureOperator(ParameterOperator):
         """``sum_b batch_matmat(self, batch_b, scale_b, blocks)`` over this process's
         batches (in :func:`accumulation_dtype`) and the batch losses it saw, with the
         model given back bit-identical; ``enter(i)`` runs before each batch (each
-        microbatch) of index ``i``."""
+        microbatch) of index ``i``. The losses must be checked (as ``Sharding.matmat``
+        does): the pass's loss-term check is deferred to their read-back."""
         m = V.shape[1]
         dtype = accumulation_dtype(V.dtype)
         # Accumulators shaped like the batch products, contiguous, so that each batch adds
@@ -477,8 +493,9 @@ class CurvatureOperator(ParameterOperator):
         graphs = self._graphs
         with preserved(self.model, guard=self._guard), graphs.lock if graphs else _UNLOCKED:
             # a recorded graph reads the vectors from its own buffer
-            blocks = self._split_block(V) if graphs is None else graphs.start(V)
-            for position, (i, batch, scale) in enumerate(self._batches()):
+            blocks = (self._split_block(V, self._one_vector_rows) if graphs is None
+                      else graphs.start(V))
+            for position, (i, batch, scale) in enumerate(self._batches(losses)):
                 if enter is not None:
                     enter(i)
                 if graphs is None:
@@ -516,19 +533,32 @@ class CurvatureOperator(ParameterOperator):
         raise NotImplementedError
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        budget = (budget_bytes(self._config.max_memory, self.device) if V.shape[1] > 1
-                  else None)
+        budget = self._budget(V)
         if budget is None:
             return self._product(V)
         return self._budgeted_matmat(V, budget)
 
-    def _product(self, V: torch.Tensor) -> torch.Tensor:
-        """``A @ V`` in one product: the attention restriction, then the sharding."""
+    def _finite_matmat(self, block: torch.Tensor, one: bool) -> torch.Tensor:
+        # In one product the vectors' check is read back with the losses; budgeted
+        # sub-blocks would each see only part of the block, so it is checked first.
+        if self._folds_finite_check and self._budget(block) is None:
+            return self._product(block, FiniteCheck(block, one))
+        return super()._finite_matmat(block, one)
+
+    def _budget(self, V: torch.Tensor) -> int | None:
+        """The bytes a product of the block ``V`` may use, ``None`` for no limit (one
+        vector always goes in one product)."""
+        return (budget_bytes(self._config.max_memory, self.device) if V.shape[1] > 1
+                else None)
+
+    def _product(self, V: torch.Tensor, inputs: FiniteCheck | None = None) -> torch.Tensor:
+        """``A @ V`` in one product: the attention restriction, then the sharding;
+        ``inputs``, the vectors' NaN/inf check, is finished with the loss check."""
         attention = (differentiable_attention() if self.derivative is None
                      else self.derivative.attention())
         with attention:
             out = self.sharding.matmat(self._local_matmat, V, self._device,
-                                       self.debug_distributed)
+                                       self.debug_distributed, inputs)
         return out if out.dtype == self._dtype else out.to(self._dtype)
 
     # -- memory --------------------------------------------------------------------
@@ -653,35 +683,63 @@ def _as_floats(counts: list[list[torch.Tensor | float]],
 
 class BatchLosses:
     """The losses one product saw, each with the index of the batch it belongs to (several
-    per batch with microbatching), checked for NaN/inf with one host sync per product."""
+    per batch with microbatching), checked for NaN/inf with one host read-back per
+    product. The same read-back finishes the check of the product's vectors when given
+    it (:class:`~torchcurv.operators.base.FiniteCheck`) and the checks the walk over the
+    data deferred to it (:meth:`defer`)."""
 
     def __init__(self) -> None:
         self.values: list[torch.Tensor] = []
         self.batch_index: list[int] = []
+        self.deferred: list[tuple[torch.Tensor, Callable[[float], None]]] = []
 
     def add(self, index: int, loss: torch.Tensor) -> None:
         value = loss.detach()
         self.values.append(value if value.dim() == 0 else value.reshape(()))
         self.batch_index.append(index)
 
-    def _bad(self) -> list[int]:
+    def defer(self, value: torch.Tensor, check: Callable[[float], None]) -> None:
+        """Read the one-entry tensor ``value`` back with the losses and call ``check`` on
+        it (which raises if it is wrong), after the vectors' check and before the
+        losses'."""
+        self.deferred.append((value.reshape(()), check))
+
+    def _bad(self, inputs: FiniteCheck | None = None) -> list[int]:
+        """Positions in :attr:`values` of the non-finite losses; first the
+        :class:`~torchcurv.OperatorInputError` of non-finite vectors in ``inputs``, then
+        the errors of the deferred checks."""
         values = self.values
-        if not values:
+        scalars = values if inputs is None else [*values, inputs.total]
+        # the one host read-back: the sum of the losses and of the vectors' entries,
+        # finite only if every term is (a sum that overflows goes on to the
+        # term-by-term checks, which clear it), and the deferred checks' values
+        head = ([scalars[0] if len(scalars) == 1 else torch.stack(scalars).sum()]
+                if scalars else [])
+        read = head + [v for v, _ in self.deferred]
+        if not read:
             return []
-        # the one host sync: a sum is finite only if every loss is (a sum that overflows
-        # goes on to the loss-by-loss check, which clears it)
-        total = values[0] if len(values) == 1 else torch.stack(values).sum()
-        if cmath.isfinite(total.item()):
+        got = [read[0].item()] if len(read) == 1 else torch.stack(read).tolist()
+        finite = not head or cmath.isfinite(got[0])
+        if not finite and inputs is not None:
+            inputs.refuse()
+        for (_, check), value in zip(self.deferred, got[len(head):]):
+            check(value)
+        if finite or not values:
             return []
-        finite = torch.isfinite(torch.stack(values).float())
-        return [j for j, ok in enumerate(finite.tolist()) if not ok]
+        ok = torch.isfinite(torch.stack(values)).tolist()
+        return [j for j, good in enumerate(ok) if not good]
 
-    def nonfinite_batches(self) -> list[int]:
-        """Sorted indices of the batches with a NaN/inf loss (on any of their pieces)."""
-        return sorted({self.batch_index[j] for j in self._bad()})
+    def nonfinite_batches(self, inputs: FiniteCheck | None = None) -> list[int]:
+        """Sorted indices of the batches with a NaN/inf loss (on any of their pieces);
+        first the :class:`~torchcurv.OperatorInputError` of non-finite vectors in
+        ``inputs``."""
+        return sorted({self.batch_index[j] for j in self._bad(inputs)})
 
-    def raise_if_not_finite(self) -> None:
-        bad = self._bad()
+    def raise_if_not_finite(self, inputs: FiniteCheck | None = None) -> None:
+        """:class:`~torchcurv.NonFiniteLossError` naming the batches with a NaN/inf loss;
+        first the :class:`~torchcurv.OperatorInputError` of non-finite vectors in
+        ``inputs``."""
+        bad = self._bad(inputs)
         if bad:
             batches = sorted({self.batch_index[j] for j in bad})
             raise NonFiniteLossError(

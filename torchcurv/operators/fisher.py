@@ -225,10 +225,10 @@ class MCFisherOperator(SeededDraws, OutputSpaceOperator):
             product.generator = self.batch_generator(self.batch_offset + index)
         super()._enter_batch(product, index)
 
-    def _batches(self):
+    def _batches(self, checks=None):
         # The per-batch streams of a product, for a walk outside one (see self._rng).
         current = None
-        for i, batch, scale in super()._batches():
+        for i, batch, scale in super()._batches(checks):
             if self._rng is not None and self.per_batch_seeds and i != current:
                 self._rng = self.batch_generator(self.batch_offset + i)
                 current = i

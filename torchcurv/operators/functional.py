@@ -194,7 +194,10 @@ def hvp_double_backward(model, objective, batch, scale, params, blocks):
         # small batch's product
         with torch.enable_grad():
             return hvp_double_backward(model, objective, batch, scale, params, blocks)
-    m = blocks[0].shape[0]
+    # a ParameterBlock made by _split_block for one vector has its vectors already (and
+    # perhaps no rows: see Strategy.one_vector_rows)
+    vectors = getattr(blocks, "_vectors", None)
+    m = 1 if vectors is not None else blocks[0].shape[0]
     loss = objective(model, batch)
     grads = torch.autograd.grad(
         loss * (scale.to(loss.dtype) if isinstance(scale, torch.Tensor) else scale),
@@ -208,12 +211,12 @@ def hvp_double_backward(model, objective, batch, scale, params, blocks):
         if g is not None and g.requires_grad:
             live.append(i)
     if not live:
-        return loss, [torch.zeros_like(b) for b in blocks]
+        return loss, _zeros_if_none([None] * len(params), params, () if m == 1 else (m,))
     every = len(live) == len(grads)
     outputs = grads if every else [grads[i] for i in live]
     if m == 1:
-        # a ParameterBlock made by _split_block has its vectors already
-        vectors = getattr(blocks, "_vectors", None) or [b[0] for b in blocks]
+        if vectors is None:
+            vectors = [b[0] for b in blocks]
         hv = torch.autograd.grad(
             outputs, params, grad_outputs=vectors if every else [vectors[i] for i in live],
             allow_unused=True

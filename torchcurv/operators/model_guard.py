@@ -112,12 +112,13 @@ class _Layout:
     """
 
     __slots__ = ("copies", "dicts", "keys", "lengths", "modules", "params", "tensors",
-                 "types", "values", "watched")
+                 "types", "values", "views", "watched")
 
     modules: list[nn.Module]
     types: list[type]
     dicts: int  # watched[:dicts] are the modules' __dict__, the rest their registries
     watched: list[dict]
+    views: list[Any]  # the watched dicts' live values() views, made once
     copies: list[dict]
     lengths: list[int]
     keys: list[Any]
@@ -139,7 +140,8 @@ class _Layout:
         self.copies = list(map(dict.copy, watched))
         self.lengths = list(map(len, watched))
         self.keys = list(chain.from_iterable(watched))
-        self.values = list(chain.from_iterable(map(dict.values, watched)))
+        self.views = list(map(dict.values, watched))
+        self.values = list(chain.from_iterable(self.views))
         # the plain tensors (not parameters) among the attributes and buffers
         buffers = [d["_buffers"] for d in dicts if "_buffers" in d]
         candidates = list(chain(chain.from_iterable(map(_values, buffers)),
@@ -168,7 +170,7 @@ class _Layout:
                 and all(map(is_, map(_DICT, modules), watched))
                 # unchanged(), inline: once per product
                 and list(map(len, watched)) == self.lengths
-                and all(map(is_, chain.from_iterable(map(dict.values, watched)), self.values))
+                and all(map(is_, chain.from_iterable(self.views), self.values))
                 and list(chain.from_iterable(watched)) == self.keys)
 
     def unchanged(self) -> bool:
@@ -176,7 +178,7 @@ class _Layout:
         order (the usual case: nothing was rebound)."""
         watched = self.watched
         return (list(map(len, watched)) == self.lengths
-                and all(map(is_, chain.from_iterable(map(dict.values, watched)), self.values))
+                and all(map(is_, chain.from_iterable(self.views), self.values))
                 # keys are names: equal strings name the same attribute
                 and list(chain.from_iterable(watched)) == self.keys)
 
