@@ -68,7 +68,9 @@ def test_without_a_budget_a_block_is_one_product():
 
 def test_a_budget_picks_sub_blocks_from_the_measured_line():
     model, criterion, data = _wide_mlp_case()
-    H = torchcurv.HessianOperator(model, criterion, data, max_memory=None)
+    # a loss without a loss-term count: batches cannot be split, blocks go in columns
+    unweighted = torchcurv.Objective.from_loss_fn(lambda m, b: criterion(m(b[0]), b[1]))
+    H = torchcurv.HessianOperator(model, unweighted, data, max_memory=None)
     V = torch.randn(H.n, 14, dtype=DT)
     # the line that a budgeted product learns from its own first columns
     probe = H.replace(max_memory=1)
@@ -78,9 +80,12 @@ def test_a_budget_picks_sub_blocks_from_the_measured_line():
     budget = line.fixed_bytes + 3 * line.per_vector_bytes + line.per_vector_bytes // 2
     assert line.max_vectors(budget) == 3
     B = H.replace(max_memory=budget)
+    assert not B.batch_splitting
     widths = _sub_blocks(B)
     out = B.matmat(V)
     assert widths == [1, 2, 4, 3, 3, 1]  # learning on 1 + 2 + 4 columns, then 3 at most
+    assert B.block_plan is not None and B.block_plan.split == "columns"
+    assert B.block_plan.vectors == 3
     assert rel(out, H.matmat(V)) < 1e-12
 
 
