@@ -116,11 +116,14 @@ def test_the_microbatched_peak_stays_within_the_budget_where_columns_would_fit_t
     assert meter.peak <= budget + V.numel() * V.element_size()
 
 
-def test_train_mode_batch_norm_keeps_column_sub_blocks_and_the_right_product():
+@pytest.mark.parametrize("check", [True, False])
+def test_train_mode_batch_norm_keeps_column_sub_blocks_and_the_right_product(check):
+    """Refused by the module check alone (``check_deterministic=False``) as well."""
     model, criterion, data = _wide_case(batch_norm=True)
     model.train()
     with pytest.warns(UserWarning, match="BatchNorm"):
-        H = torchcurv.HessianOperator(model, criterion, data, max_memory=None)
+        H = torchcurv.HessianOperator(model, criterion, data, max_memory=None,
+                                      check_deterministic=check)
     V = torch.randn(H.n, 12, dtype=DT, generator=torch.Generator().manual_seed(2))
     whole = H.matmat(V)
     with pytest.warns(UserWarning, match="BatchNorm"):

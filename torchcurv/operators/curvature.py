@@ -101,6 +101,9 @@ class CurvatureOperator(ParameterOperator):
             local), known after construction.
         batch_offset: number of batches on lower ranks: this rank's batch ``i`` is batch
             ``batch_offset + i`` of the data set (the ranks' shards in rank order).
+        batch_splitting: whether a block over ``max_memory`` may walk the batches in
+            microbatches (chosen at construction); ``block_plan``: how the last one was
+            split.
     """
 
     config_type: ClassVar[type[CurvatureConfig]] = CurvatureConfig
@@ -426,8 +429,9 @@ class CurvatureOperator(ParameterOperator):
     @property
     def batch_splitting(self) -> bool:
         """Whether a block product that does not fit ``max_memory`` may walk each batch
-        in microbatches with the whole block (chosen at construction,
-        :meth:`_may_split_batches`); otherwise it goes in sub-blocks of columns."""
+        in microbatches with the whole block; otherwise it goes in sub-blocks of
+        columns. Chosen at construction (``max_memory`` in
+        :class:`~torchcurv.operators.config.CurvatureConfig` says when it holds)."""
         return self._splits_batches
 
     # -- products ------------------------------------------------------------------

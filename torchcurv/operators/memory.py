@@ -6,7 +6,10 @@ second-order pass), close to ``peak(m) = fixed + m * per_vector`` above what was
 allocated before it. :class:`PeakMeter` measures one product's peak;
 :class:`MemoryEstimate` is the line through measured points, used to predict a block's
 peak (``op.memory_estimate(m)``) and to split blocks that would not fit a budget
-(``max_memory=``, :mod:`torchcurv.operators.config`).
+(``max_memory=``, :mod:`torchcurv.operators.config`). Walking the batches in
+microbatches of ``b`` examples shrinks both parts, close to linearly in ``b``:
+:class:`MicrobatchMemory` is that model, from lines measured on whole and on half
+batches, and :class:`BlockPlan` the split a budget chose.
 
 How the peak is measured:
 
