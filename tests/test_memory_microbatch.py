@@ -223,3 +223,27 @@ def test_a_microbatched_product_out_of_memory_halves_its_microbatch_then_gives_u
     assert B.block_plan.split == "columns"
     assert sum(w for w, b in walks if b is None) == 16
     assert_unchanged(model, before)
+
+
+def test_the_microbatches_loss_term_counts_are_counted_once():
+    """The first product walked in a microbatch size counts its pieces' loss terms (the
+    data proven repeatable at construction); later ones reuse the counts."""
+    model, criterion, data = _wide_case()
+    calls = {"n": 0}
+
+    def weight(batch):
+        calls["n"] += 1
+        return (batch[1] != -100).sum()
+
+    objective = torchcurv.Objective(forward=lambda m, b: m(b[0]),
+                                    loss=lambda out, b: criterion(out, b[1]), weight=weight)
+    G = torchcurv.GGNOperator(model, objective, data, max_memory=None)
+    V = torch.randn(G.n, 16, dtype=DT, generator=torch.Generator().manual_seed(2))
+    B = G.replace(max_memory=_microbatch_budget(G, V))
+    B.matmat(V)
+    B.matmat(V)  # the first product in the planned microbatches: counts them
+    assert B.block_plan is not None and B.block_plan.split == "microbatches"
+    before = calls["n"]
+    out = B.matmat(V)
+    assert calls["n"] == before
+    assert rel(out, explicit_ggn(model, criterion, data) @ V) < 1e-10
