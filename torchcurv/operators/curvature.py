@@ -620,7 +620,7 @@ class CurvatureOperator(ParameterOperator):
 
     # -- memory --------------------------------------------------------------------
     _memory_points: tuple[tuple[int, int], ...] = ()
-    # (vectors, peak) of products walked in microbatches of _split_examples examples
+    # (vectors, peak) of products walked in microbatches of half the largest batch
     _split_points: tuple[tuple[int, int], ...] = ()
     _memory_method = ""
     _largest_block = 1 << 30  # lowered by a sub-block that ran out of memory
