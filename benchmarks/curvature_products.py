@@ -27,23 +27,27 @@ from common import (
 import torchcurv
 
 
-def budget_rows(problem, method, op, device, t_grad, step_peak_gib, reps, factor=4.0):
+def budget_rows(problem, method, op, device, t_grad, step_peak_gib, reps, factor=4.0,
+                cpu_share=0.7):
     """The block of 16 under ``max_memory`` = ``factor`` training steps' peak (minus what is
-    allocated already: the budget counts above it), per-vector cost and peak; and
-    ``memory_estimate`` against the measured peaks of 1 and 16 vectors."""
+    allocated already: the budget counts above it), per-vector cost and peak, and the
+    split the planner chose (``op.block_plan``: microbatches with the whole block, or
+    column sub-blocks); and ``memory_estimate`` against the measured peaks of 1 and 16
+    vectors. Off CUDA (no training-step peak to read) the budget is ``cpu_share`` of
+    the predicted peak of the block, so that the smoke run plans a split too."""
     n = op.n
     V = torch.randn(n, 16, device=device, dtype=op.dtype)
+    estimate = op.memory_estimate(16)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         budget = int(factor * step_peak_gib * 2**30 - base)
     else:
-        base, budget = 0, None
-    if budget is not None and budget <= 0:
+        base, budget, factor = 0, int(cpu_share * estimate.bytes), None
+    if budget <= 0:
         emit(problem=problem, lib="torchcurv", method=method, what="matmat16_budget",
              nparams=n, skipped=f"{factor} training steps are below what is allocated")
         return
-    estimate = op.memory_estimate(16)
     whole = op.replace(max_memory=None)  # one product per block, measured as it is
     for m in (1, 16):
         block = V[:, :m].contiguous()
@@ -53,10 +57,15 @@ def budget_rows(problem, method, op, device, t_grad, step_peak_gib, reps, factor
              measured_peak_gib=measured,
              ratio=None if measured is None else (base + estimate.at(m).bytes) / 2**30 / measured)
     B = op.replace(max_memory=budget)
+    # the warm-up product measures the peaks; the timed ones run the plan
     t16 = timed(lambda: B.matmat(V), device, reps=max(2, reps // 2), warmup=1)
+    plan = B.block_plan
     emit(problem=problem, lib="torchcurv", method=method, what="matmat16_budget", nparams=n,
-         budget_gib=None if budget is None else budget / 2**30, budget_steps=factor,
-         sub_block=B.memory_estimate().max_vectors(budget) if budget else 16,
+         budget_gib=budget / 2**30, budget_steps=factor, batch_splitting=B.batch_splitting,
+         split=None if plan is None else plan.split,
+         sub_block=None if plan is None else plan.vectors,
+         microbatch_size=None if plan is None else plan.microbatch_size,
+         predicted_gib=None if plan is None else (base + plan.predicted_bytes) / 2**30,
          ms=t16 * 1e3, ratio_per_vec_to_grad=t16 / 16 / t_grad,
          peak_gib=peak_gib(device, lambda: B.matmat(V)), step_peak_gib=step_peak_gib)
 

@@ -10,7 +10,7 @@ from torch import nn
 from zoo import DT, assert_unchanged, case, explicit_hessian, rel, snapshot
 
 import torchcurv
-from torchcurv.operators.memory import MemoryEstimate, PeakMeter, basis_bytes
+from torchcurv.operators.memory import MemoryEstimate, MicrobatchMemory, PeakMeter, basis_bytes
 
 
 def _sub_blocks(op) -> list[int]:
@@ -68,7 +68,9 @@ def test_without_a_budget_a_block_is_one_product():
 
 def test_a_budget_picks_sub_blocks_from_the_measured_line():
     model, criterion, data = _wide_mlp_case()
-    H = torchcurv.HessianOperator(model, criterion, data, max_memory=None)
+    # a loss without a loss-term count: batches cannot be split, blocks go in columns
+    unweighted = torchcurv.Objective.from_loss_fn(lambda m, b: criterion(m(b[0]), b[1]))
+    H = torchcurv.HessianOperator(model, unweighted, data, max_memory=None)
     V = torch.randn(H.n, 14, dtype=DT)
     # the line that a budgeted product learns from its own first columns
     probe = H.replace(max_memory=1)
@@ -78,9 +80,12 @@ def test_a_budget_picks_sub_blocks_from_the_measured_line():
     budget = line.fixed_bytes + 3 * line.per_vector_bytes + line.per_vector_bytes // 2
     assert line.max_vectors(budget) == 3
     B = H.replace(max_memory=budget)
+    assert not B.batch_splitting
     widths = _sub_blocks(B)
     out = B.matmat(V)
     assert widths == [1, 2, 4, 3, 3, 1]  # learning on 1 + 2 + 4 columns, then 3 at most
+    assert B.block_plan is not None and B.block_plan.split == "columns"
+    assert B.block_plan.vectors == 3
     assert rel(out, H.matmat(V)) < 1e-12
 
 
@@ -126,6 +131,18 @@ def test_a_fit_through_two_batched_sizes():
     assert lone.bytes == 600  # through the origin: an upper bound
     with pytest.raises(ValueError, match="no measured product"):
         MemoryEstimate.fit([], 1, "test")
+
+
+def test_a_microbatch_fit_from_lines_on_whole_and_half_batches():
+    # peak(m, b) = (100 + 10 b) + m (20 + 5 b), measured at b = 8 and b = 4
+    whole = MemoryEstimate.fit([(2, 300), (4, 420)], 1, "test")
+    half = MemoryEstimate.fit([(2, 220), (4, 300)], 1, "test")
+    fit = MicrobatchMemory(whole=whole, examples=8, split=half, split_examples=4)
+    assert fit.bytes(16, 2) == 120 + 16 * 30 and fit.bytes(3, 8) == 180 + 3 * 60
+    assert fit.per_example_vector_bytes == 5
+    assert fit.max_examples(16, 600) == 2  # b = 3 would take 690
+    assert fit.max_examples(16, 689) == 2 and fit.max_examples(16, 800) == 4  # 4 + 4
+    assert fit.max_examples(16, 100) == 0
 
 
 def test_basis_bytes():

@@ -82,12 +82,23 @@ class CurvatureConfig:
             ``"finite_difference"`` (its gradients), ``jvp="forward"``; any other method
             raises a ``ValueError`` at construction (docs/performance.md).
         max_memory: the bytes one product may take at its peak (above what is allocated
-            when it starts): ``matmat`` splits a block into sub-blocks that fit
-            (:mod:`torchcurv.operators.memory`), a single vector never. ``"auto"``
-            (default): a share of the CUDA device's free memory at each product, no limit
-            off CUDA; ``None``: never split. The first block product that needs the split
-            measures its first columns (1, 2, then 4 vectors) to learn the peak per
-            vector, and later ones reuse that; :meth:`memory_estimate` predicts it. On
+            when it starts), for ``matmat`` of a block that would not fit as one product
+            (:mod:`torchcurv.operators.memory`). Where the model treats the examples of a
+            batch independently (``op.batch_splitting``, decided here: the checks of
+            ``microbatch_size``, and with ``check_deterministic`` the first batch's loss
+            against its halves'; not for the Monte-Carlo Fisher, whose labels depend on
+            the split, nor for one pass over the data per vector or ``cuda_graphs``),
+            the block stays one product and every batch is walked in the largest
+            microbatches whose predicted peak fits: the shared forward and first
+            backward run once per microbatch for all vectors, and the matrix is the same
+            to rounding. Otherwise, or where not even one example per microbatch fits,
+            the block goes in sub-blocks of columns on whole batches, a single vector
+            never split. ``op.block_plan`` says which was chosen. ``"auto"`` (default): a
+            share of the CUDA device's free memory at each product, no limit off CUDA;
+            ``None``: never split. The first block product that needs a split measures
+            its first columns (1, 2, then 4 vectors on whole batches; then 2 and 4 on
+            microbatches of half the largest batch) to learn the peak per vector and per
+            example, and later ones reuse that; :meth:`memory_estimate` predicts it. On
             CUDA those measurements reset ``torch.cuda``'s peak-memory statistic.
         cuda_graphs: record each batch's product as a CUDA graph at the first product of
             each block width and replay it afterwards (:mod:`torchcurv.operators.graphs`):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import cmath
 import contextlib
+import contextvars
 import inspect
+import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -29,9 +31,16 @@ from torchcurv.operators.attention import differentiable_attention
 from torchcurv.operators.base import FiniteCheck, ParameterOperator
 from torchcurv.operators.config import CurvatureConfig, CurvatureOptions, _short
 from torchcurv.operators.graphs import CudaGraphs
-from torchcurv.operators.memory import MemoryEstimate, PeakMeter, budget_bytes
+from torchcurv.operators.memory import (
+    BlockPlan,
+    MemoryEstimate,
+    MicrobatchMemory,
+    PeakMeter,
+    budget_bytes,
+)
 from torchcurv.operators.microbatch import (
     check_microbatch_size,
+    leading_size,
     refuse_batch_coupling,
     split_batch,
 )
@@ -47,6 +56,11 @@ BatchMatmat = Callable[["CurvatureOperator", Batch, "torch.Tensor | float", list
 
 # stateless, so one serves every product without recorded graphs
 _UNLOCKED = contextlib.nullcontext()
+
+# (operator id, microbatch size) of the product a memory budget walks in microbatches;
+# a context variable, so that concurrent products of one operator do not see it
+_PLANNED_WALK: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "planned_walk", default=None)
 
 _RANDOM_IN_TRAIN_MODE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                          nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -87,6 +101,9 @@ class CurvatureOperator(ParameterOperator):
             local), known after construction.
         batch_offset: number of batches on lower ranks: this rank's batch ``i`` is batch
             ``batch_offset + i`` of the data set (the ranks' shards in rank order).
+        batch_splitting: whether a block over ``max_memory`` may walk the batches in
+            microbatches (chosen at construction); ``block_plan``: how the last one was
+            split.
     """
 
     config_type: ClassVar[type[CurvatureConfig]] = CurvatureConfig
@@ -149,6 +166,11 @@ class CurvatureOperator(ParameterOperator):
             with self._stage(self.device):
                 self._check_split_loss_matches()
             self.sharding.checkpoint(self.device, what="the operator's construction")
+        # per planned microbatch size, the loss-term counts of each batch's pieces,
+        # learned by the first product walked at that size (data proven repeatable)
+        self._planned_weights: dict[int, list[list[float]]] = {}
+        with self._stage(self.device):
+            self._splits_batches = self._may_split_batches(check_deterministic)
 
     # graphs need each batch's product to be one fixed sequence of kernels: per-batch
     # strategies without random draws
@@ -253,11 +275,13 @@ class CurvatureOperator(ParameterOperator):
             RuntimeWarning, stacklevel=5,
         )
 
-    def _pieces(self, batch: Batch) -> list[Batch]:
-        """The microbatches of ``batch`` (``[batch]`` without ``microbatch_size``)."""
-        if self.microbatch_size is None:
+    def _pieces(self, batch: Batch, size: int | None = None) -> list[Batch]:
+        """The microbatches of ``batch`` of at most ``size`` examples (default
+        ``microbatch_size``; ``[batch]`` when both are ``None``)."""
+        size = self.microbatch_size if size is None else size
+        if size is None:
             return [batch]
-        return split_batch(batch, self.microbatch_size)
+        return split_batch(batch, size)
 
     def _weights_of(self, batch: Batch) -> list[torch.Tensor | float]:
         """The loss-term counts construction keeps for ``batch``: one per microbatch of a
@@ -269,14 +293,23 @@ class CurvatureOperator(ParameterOperator):
     def _total_weight(self, check: bool) -> float:
         counts: list[list[torch.Tensor | float]] = []
         prints: list[Any] = []
+        examples: list[int] | None = []
         with self._stage(self.device):
             layout = []
             for batch in iterate(self.data, self.device):
                 counts.append(self._weights_of(batch))
                 layout.append(shapes(batch))
+                if examples is not None:
+                    try:
+                        examples.append(leading_size(batch))
+                    except ValueError:  # no common example dimension: never split
+                        examples = None
                 if check:
                     prints.append(fingerprint(batch))
             self._batch_shapes = layout
+            # the most examples one piece of a batch holds (None: batches not splittable)
+            self._examples = (None if not examples else
+                              min(max(examples), self.microbatch_size or max(examples)))
             if not counts and not self.distributed:
                 raise ValueError("data is empty: it yielded no batch")
             weights = _as_floats(counts, self.device)
@@ -343,13 +376,30 @@ class CurvatureOperator(ParameterOperator):
 
     def _check_split_loss_matches(self) -> None:
         """Catch batch coupling no module check sees (custom layers, in-batch losses)."""
+        losses = self._split_losses(self.microbatch_size)
+        if losses is not None:
+            whole, split = losses
+            raise ValueError(
+                f"splitting a batch into microbatches of {self.microbatch_size} changes its "
+                f"loss ({whole!r} whole vs {split!r} from the microbatches): the model or the "
+                "loss couples the examples of a batch, so microbatching would change the "
+                "curvature. Drop microbatch_size (or pass check_deterministic=False to skip "
+                "this check)"
+            )
+
+    def _split_losses(self, size: int | None) -> tuple[float, float] | None:
+        """``(whole, from the microbatches)``: the loss of the first batch that splits
+        into microbatches of ``size`` with loss terms, where the two differ by more
+        than rounding; ``None`` where they agree or no batch splits."""
         mean = self.objective.reduction == "mean"
-        for batch, weights in zip(iterate(self.data, self.device), self._batch_weights or []):
-            pieces = self._pieces(batch)
+        for batch in iterate(self.data, self.device):
+            pieces = self._pieces(batch, size)
+            weights = [float(self.objective.batch_weight(p)) for p in pieces] \
+                if mean else [1.0] * len(pieces)
             if len(pieces) > 1 and sum(weights) > 0:
                 break
         else:
-            return  # no batch with loss terms is larger than a microbatch: nothing to check
+            return None
         with preserved(self.model), torch.no_grad():
             whole = float(self.objective(self.model, batch))
             split = 0.0
@@ -358,14 +408,38 @@ class CurvatureOperator(ParameterOperator):
                 if share != 0:
                     split += share * float(self.objective(self.model, piece))
         tol = torch.finfo(self.dtype).eps ** 0.5 * max(abs(whole), 1e-30)
-        if not abs(whole - split) <= tol:
-            raise ValueError(
-                f"splitting a batch into microbatches of {self.microbatch_size} changes its "
-                f"loss ({whole!r} whole vs {split!r} from the microbatches): the model or the "
-                "loss couples the examples of a batch, so microbatching would change the "
-                "curvature. Drop microbatch_size (or pass check_deterministic=False to skip "
-                "this check)"
-            )
+        return None if abs(whole - split) <= tol else (whole, split)
+
+    # the operators whose matrix does not depend on how batches are split (the
+    # Monte-Carlo Fisher's labels do)
+    _exact_when_split = True
+
+    def _may_split_batches(self, check: bool) -> bool:
+        """Whether a memory budget may walk the batches in microbatches: a budget can
+        apply (``max_memory`` a number, or ``"auto"`` on CUDA), the block shares work per
+        batch (not one pass over the data per vector), no recorded graphs, the batches
+        share an example dimension of 2 or more, the checks of ``microbatch_size`` pass
+        (no train-mode BatchNorm, a loss-term count for a 'mean' loss, not FSDP2) and,
+        with ``check``, the first batch's loss is the weighted sum of its halves'."""
+        limit, d = self._config.max_memory, self.derivative
+        if limit is None or (limit == "auto" and self.device.type != "cuda"):
+            return False
+        if d is None or d.walks_data_per_vector or self._graphs is not None \
+                or not self._exact_when_split or self._examples is None or self._examples < 2:
+            return False
+        try:
+            self._check_splittable()
+        except ValueError:
+            return False
+        return not check or self._split_losses(math.ceil(self._examples / 2)) is None
+
+    @property
+    def batch_splitting(self) -> bool:
+        """Whether a block product that does not fit ``max_memory`` may walk each batch
+        in microbatches with the whole block; otherwise it goes in sub-blocks of
+        columns. Chosen at construction (``max_memory`` in
+        :class:`~torchcurv.operators.config.CurvatureConfig` says when it holds)."""
+        return self._splits_batches
 
     # -- products ------------------------------------------------------------------
     def _batch_matmat(
@@ -377,12 +451,16 @@ class CurvatureOperator(ParameterOperator):
         """
         raise NotImplementedError
 
-    def _batches(self, checks: BatchLosses | None = None):
+    def _batches(
+        self, checks: BatchLosses | None = None
+    ) -> Iterator[tuple[int, Batch, torch.Tensor | float]]:
         """``(index, batch, scale)`` with ``scale = w_b / sum w`` (1 for 'sum').
 
         With ``microbatch_size``, one entry per microbatch (``index`` is its batch's, and
         ``w_b`` its own loss-term count); microbatches without loss terms are left out:
-        their mean loss is 0/0, and their share of the data set's loss is zero.
+        their mean loss is 0/0, and their share of the data set's loss is zero. Inside a
+        product that a memory budget walks in microbatches (:meth:`_walked_in`), the
+        microbatches are the planned ones.
 
         Every pass checks that the data is the data construction counted, otherwise
         :class:`~torchcurv.DataChangedError`: as many batches, each with the shapes it
@@ -391,12 +469,19 @@ class CurvatureOperator(ParameterOperator):
         (the losses of the product walking it), in their read-back
         (:meth:`BatchLosses.defer`). A pass must therefore be walked to its end.
         """
-        cached = self._batch_weights
+        planned = _PLANNED_WALK.get()
+        size = planned[1] if planned is not None and planned[0] == id(self) \
+            else self.microbatch_size
+        cached = (self._batch_weights if size == self.microbatch_size or size is None
+                  else self._planned_weights.get(size))
+        mean = self.objective.reduction == "mean"
+        # a planned size's counts, kept once a pass proves them (data proven repeatable)
+        learned: list[list[float]] | None = (
+            [] if cached is None and mean and self._batch_weights is not None else None)
         expected = self.batch_counts[self._rank]
         layouts, device, total = self._batch_shapes, self._device, self.total_weight
         # the usual walk, decided once: whole batches of a 'mean' loss, counts cached
-        counted = (cached is not None and self.microbatch_size is None
-                   and self.objective.reduction == "mean")
+        counted = cached is not None and size is None and mean
         seen: list[torch.Tensor | float] = []
         count = 0
         for i, raw in enumerate(self.data):
@@ -411,16 +496,16 @@ class CurvatureOperator(ParameterOperator):
                 assert cached is not None
                 yield i, batch, cached[i][0] / total
                 continue
-            pieces = self._pieces(batch)
-            if self.objective.reduction == "sum":
+            pieces = self._pieces(batch, size)
+            if not mean:
                 seen.append(self.objective.batch_weight(batch))
                 for piece in pieces:
                     yield i, piece, 1.0
             elif cached is not None:
                 for piece, w in zip(pieces, cached[i]):
-                    if w != 0 or self.microbatch_size is None:
+                    if w != 0 or size is None:
                         yield i, piece, w / self.total_weight
-            elif self.microbatch_size is None:
+            elif size is None:
                 # a tensor count stays on the device: no host sync per batch
                 weight = self._as_float64(self.objective.batch_weight(batch))
                 seen.append(weight)
@@ -434,19 +519,28 @@ class CurvatureOperator(ParameterOperator):
                     for p in pieces
                 ]).tolist()
                 seen.extend(ws)
+                if learned is not None:
+                    learned.append(ws)
                 for piece, w in zip(pieces, ws):
                     if w != 0:
                         yield i, piece, w / self.total_weight
         if count != expected:
             raise self._data_changed(f"{count} batches, not {expected}")
-        if cached is not None and self.objective.reduction == "mean":
+        if cached is not None and mean:
             return
         terms = sum(w.double() if isinstance(w, torch.Tensor) else float(w) for w in seen)
+
+        def check(terms: float) -> None:
+            self._check_terms(terms)
+            # the pass proved the data repeatable: a planned size's counts are kept
+            if learned is not None and size is not None:
+                self._planned_weights[size] = learned
+
         if (checks is not None and isinstance(terms, torch.Tensor) and terms.numel() == 1
                 and terms.device == device):
-            checks.defer(terms, self._check_terms)
+            checks.defer(terms, check)
         else:
-            self._check_terms(float(terms))
+            check(float(terms))
 
     def _check_terms(self, terms: float) -> None:
         """The loss-term count of a pass over the data is the one construction counted."""
@@ -563,32 +657,71 @@ class CurvatureOperator(ParameterOperator):
 
     # -- memory --------------------------------------------------------------------
     _memory_points: tuple[tuple[int, int], ...] = ()
+    # (vectors, peak) of products walked in microbatches of half the largest batch
+    _split_points: tuple[tuple[int, int], ...] = ()
     _memory_method = ""
     _largest_block = 1 << 30  # lowered by a sub-block that ran out of memory
+    # lowered by a microbatched product that ran out of memory (0: no more microbatches)
+    _largest_microbatch = 1 << 30
+    _block_plan: BlockPlan | None = None
     # the block sizes whose peaks the first budgeted product (or memory_estimate)
     # measures: 1 (often its own unbatched path), then two batched sizes for the slope
     _CALIBRATION = (1, 2, 4)
+    # the block sizes measured on microbatches of half the examples, for the slope in b
+    _SPLIT_CALIBRATION = (2, 4)
 
-    def _measured_product(self, V: torch.Tensor) -> torch.Tensor:
-        """:meth:`_product` with its peak memory recorded for :meth:`memory_estimate`."""
-        with PeakMeter(self.device) as meter:
+    @contextlib.contextmanager
+    def _walked_in(self, microbatch: int | None):
+        """Products inside walk every batch in microbatches of at most ``microbatch``
+        examples (``None``: as the operator was built)."""
+        token = _PLANNED_WALK.set(None if microbatch is None else (id(self), microbatch))
+        try:
+            yield
+        finally:
+            _PLANNED_WALK.reset(token)
+
+    def _measured_product(self, V: torch.Tensor, microbatch: int | None = None
+                          ) -> torch.Tensor:
+        """:meth:`_product` (in ``microbatch``es) with its peak memory recorded for
+        :meth:`memory_estimate` and the planner."""
+        with self._walked_in(microbatch), PeakMeter(self.device) as meter:
             out = self._product(V)
-        self._memory_points = (*self._memory_points, (V.shape[1], meter.peak))
+        point = (V.shape[1], meter.peak)
+        if microbatch is None:
+            self._memory_points = (*self._memory_points, point)
+        else:
+            self._split_points = (*self._split_points, point)
         self._memory_method = meter.method
         return out
 
     def _budgeted_matmat(self, V: torch.Tensor, budget: int) -> torch.Tensor:
-        """``A @ V`` in sub-blocks whose predicted peak fits ``budget`` bytes.
+        """``A @ V`` in products whose predicted peak fits ``budget`` bytes.
 
-        Until the peak per vector is known, the first columns go in sub-blocks of the
-        calibration sizes, measured (no extra product: they are columns of ``V``), unless
-        the rest of the block fits even if each of its vectors took a whole measured
-        one-vector product: then the rest goes at once. A sub-block that runs out of
-        device memory anyway (a vmapped pass can hold more per vector than a single
-        product) is tried again at half its size, and no later one is larger (one
-        process; distributed, the error is raised, as the other ranks are inside the
-        same product). The ranks agree on every sub-block size (the smallest), so their
-        collectives pair.
+        A block that does not fit as one product goes, where :attr:`batch_splitting`
+        allows it, as one product whose batches are walked in microbatches (the shared
+        forward and first backward done once per microbatch for all its vectors, the
+        microbatches weighted by their own loss-term counts as with
+        ``microbatch_size``), with the largest microbatch whose predicted peak fits;
+        otherwise, or where not even one example per microbatch fits, in sub-blocks of
+        columns on whole batches (repeating the shared work per sub-block).
+        :attr:`block_plan` says which.
+
+        The predictions come from measured products, their columns those of ``V`` (no
+        extra product): until the peak per vector is known, the first columns go in
+        sub-blocks of the calibration sizes (1, 2, 4 vectors), unless the rest fits even
+        if each of its vectors took a whole measured one-vector product: then the rest
+        goes at once. Before the first microbatched plan, two more sub-blocks (2 and 4
+        vectors) are measured on microbatches of half the largest batch, which gives
+        the peak's growth per example and vector (:class:`MicrobatchMemory`).
+
+        A product that runs out of device memory anyway (a vmapped pass can hold more
+        per vector than a single product) is tried again: a microbatched one at half
+        its microbatch (below one example, or a measured one: no more microbatches), a
+        sub-block at half its width, and no later one is larger (one process;
+        distributed, the error is raised, as the other ranks are inside the same
+        product); a single vector on whole batches raises. The ranks agree on every
+        product's width (the smallest), so their collectives pair; each walks its own
+        batches in its own microbatches.
         """
         # The sub-blocks are written into one result: a list joined at the end held the
         # result twice (at n ~ 1e9 and ten vectors, tens of gigabytes more).
@@ -602,29 +735,74 @@ class CurvatureOperator(ParameterOperator):
         return out
 
     def _budgeted_columns(self, V: torch.Tensor, budget: int, out: torch.Tensor) -> None:
-        m, j = V.shape[1], 0
+        m, j, decided = V.shape[1], 0, False
         while j < m:
-            rest, points = m - j, self._memory_points
-            learning = len(points) < len(self._CALIBRATION)
-            if not learning:
-                size = min(rest, self.memory_estimate(1).max_vectors(budget))
-            elif points and rest * max(peak / k for k, peak in points) <= budget:
-                size = rest  # fits even at a whole one-vector product per vector
-            else:
-                size = min(rest, self._CALIBRATION[len(points)])
-            size = self.sharding.agree_min(min(size, self._largest_block), self.device)
-            block = V[:, j:j + size]
+            width, microbatch, plan = self._next_product(m - j, budget, whole=j == 0)
+            measured = plan is None
+            width = self.sharding.agree_min(min(width, self._largest_block), self.device)
+            block = V[:, j:j + width]
             try:
-                out[:, j:j + size] = (self._measured_product(block) if learning
-                                      else self._product(block))
+                if measured:
+                    out[:, j:j + width] = self._measured_product(block, microbatch)
+                else:
+                    with self._walked_in(microbatch):
+                        out[:, j:j + width] = self._product(block)
             except torch.OutOfMemoryError:
-                if size == 1 or self.distributed:
+                if self.distributed or (microbatch is None and width == 1):
                     raise
-                self._largest_block = size // 2
+                if microbatch is not None:
+                    self._largest_microbatch = 0 if measured else microbatch // 2
+                else:
+                    self._largest_block = width // 2
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            j += size
+            if not decided and plan is not None:  # the call's first planned product
+                self._block_plan, decided = plan, True
+            j += width
+
+    def _next_product(self, rest: int, budget: int, whole: bool
+                      ) -> tuple[int, int | None, BlockPlan | None]:
+        """``(width, microbatch, plan)`` of the next product of a budgeted block with
+        ``rest`` columns left (``whole``: all of them); ``plan`` is ``None`` for a
+        product measured to learn the peaks."""
+        points = self._memory_points
+        if len(points) < len(self._CALIBRATION):
+            if points and rest * max(peak / k for k, peak in points) <= budget:
+                return rest, None, None  # fits even at a whole one-vector product per vector
+            return min(rest, self._CALIBRATION[len(points)]), None, None
+        line = MemoryEstimate.fit(points, 1, self._memory_method)
+        columns = min(rest, line.max_vectors(budget))
+        if columns >= rest:
+            return rest, None, BlockPlan("none" if whole else "columns", rest, None,
+                                         line.at(rest).bytes)
+        examples = self._examples
+        # below what the block takes on one example at the least (the per-vector part
+        # can shrink no faster than the examples), no microbatch fits
+        if (self._splits_batches and self._largest_microbatch >= 1 and rest >= 2
+                and examples is not None
+                and rest * line.per_vector_bytes / examples <= budget):
+            half = math.ceil(examples / 2)
+            measured = dict(self._split_points)
+            if len(measured) < 2:
+                k = self._SPLIT_CALIBRATION[min(len(measured), 1)]
+                return min(rest, k), half, None
+            fit = MicrobatchMemory(
+                whole=line, examples=examples,
+                split=MemoryEstimate.fit(self._split_points, 1, self._memory_method),
+                split_examples=half)
+            b = min(fit.max_examples(rest, budget), self._largest_microbatch)
+            if b >= 1:
+                return rest, b, BlockPlan("microbatches", rest, b, fit.bytes(rest, b))
+        return columns, None, BlockPlan("columns", columns, None, line.at(columns).bytes)
+
+    @property
+    def block_plan(self) -> BlockPlan | None:
+        """How the last block product under ``max_memory`` was split once its peaks were
+        measured (:class:`~torchcurv.operators.memory.BlockPlan`: ``.split`` is
+        ``"none"``, ``"microbatches"`` or ``"columns"``, ``.vectors``,
+        ``.microbatch_size``, ``.predicted_bytes``); ``None`` before one."""
+        return self._block_plan
 
     def memory_estimate(self, m: int = 1) -> MemoryEstimate:
         """The predicted peak memory of one product with ``m`` vectors, above what is

@@ -171,6 +171,7 @@ class MCFisherOperator(SeededDraws, OutputSpaceOperator):
 
     config_type = MCFisherConfig
     _graphable = False  # fresh label draws every product
+    _exact_when_split = False  # labels are drawn per microbatch: a budget keeps columns
 
     def __init__(
         self,

@@ -6,7 +6,10 @@ second-order pass), close to ``peak(m) = fixed + m * per_vector`` above what was
 allocated before it. :class:`PeakMeter` measures one product's peak;
 :class:`MemoryEstimate` is the line through measured points, used to predict a block's
 peak (``op.memory_estimate(m)``) and to split blocks that would not fit a budget
-(``max_memory=``, :mod:`torchcurv.operators.config`).
+(``max_memory=``, :mod:`torchcurv.operators.config`). Walking the batches in
+microbatches of ``b`` examples shrinks both parts, close to linearly in ``b``:
+:class:`MicrobatchMemory` is that model, from lines measured on whole and on half
+batches, and :class:`BlockPlan` the split a budget chose.
 
 How the peak is measured:
 
@@ -175,6 +178,74 @@ class MemoryEstimate:
         return (f"{format_bytes(self.bytes)} for {self.m} vector(s) "
                 f"({format_bytes(self.fixed_bytes)} + {format_bytes(self.per_vector_bytes)} "
                 f"per vector; {self.method})")
+
+
+@dataclass(frozen=True)
+class MicrobatchMemory:
+    """The peak of one product of ``m`` vectors whose batches are walked in microbatches
+    of at most ``b`` examples: ``F(b) + m * S(b)``, with the fixed part ``F`` and the
+    per-vector part ``S`` each linear in ``b``.
+
+    The examples a microbatch holds are what its forward and each vector's tangent
+    pass keep alive, so both parts grow with ``b``; what does not (the result and the
+    tangents of parameter size, per vector) is their value at ``b = 0``. ``whole`` is
+    the line in ``m`` measured on whole batches of ``examples`` (the largest), ``split``
+    the one measured on microbatches of ``split_examples``; between and below them the
+    two lines are interpolated (and extrapolated, never below zero).
+
+    Attributes:
+        whole, examples: the line measured on whole batches and their largest size.
+        split, split_examples: the line measured on microbatches and their size.
+    """
+
+    whole: MemoryEstimate
+    examples: int
+    split: MemoryEstimate
+    split_examples: int
+
+    def bytes(self, m: int, b: int) -> int:
+        """The predicted peak of ``m`` vectors on microbatches of ``b`` examples."""
+        t = (b - self.split_examples) / (self.examples - self.split_examples)
+        fixed = self.split.fixed_bytes + t * (self.whole.fixed_bytes - self.split.fixed_bytes)
+        slope = (self.split.per_vector_bytes
+                 + t * (self.whole.per_vector_bytes - self.split.per_vector_bytes))
+        return int(max(0.0, fixed) + m * max(0.0, slope))
+
+    @property
+    def per_example_vector_bytes(self) -> int:
+        """What one more example of a microbatch adds per vector (``dS/db``)."""
+        return max(0, int((self.whole.per_vector_bytes - self.split.per_vector_bytes)
+                          / (self.examples - self.split_examples)))
+
+    def max_examples(self, m: int, budget: int) -> int:
+        """The largest microbatch (below ``examples``) on which ``m`` vectors are
+        predicted to fit ``budget`` bytes, made as even as the same number of pieces
+        allows; 0 where not even one example fits."""
+        fits = [b for b in range(1, self.examples) if self.bytes(m, b) <= budget]
+        if not fits:
+            return 0
+        pieces = math.ceil(self.examples / max(fits))
+        return math.ceil(self.examples / pieces)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How a budgeted block product was split (``op.block_plan``).
+
+    Attributes:
+        split: ``"none"`` (the block fit as one product), ``"microbatches"`` (the block
+            in one product, every batch walked in microbatches) or ``"columns"``
+            (sub-blocks of columns, whole batches).
+        vectors: the columns per product.
+        microbatch_size: the examples per microbatch for ``"microbatches"``, else
+            ``None``.
+        predicted_bytes: the predicted peak of one such product.
+    """
+
+    split: Literal["none", "microbatches", "columns"]
+    vectors: int
+    microbatch_size: int | None
+    predicted_bytes: int
 
 
 def format_bytes(n: float) -> str:
