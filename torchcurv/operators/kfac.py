@@ -728,8 +728,9 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         for g, left in enumerate(parts[:len(lefts)]):
             right = next(summed) if rights[g] is not None else None
             if right is not None:
-                # by the count tensor itself: a Python float would be wrapped and cast
-                right.div_(parts[-1])
+                # by the count tensor itself (a Python float would be wrapped and cast),
+                # as a 0-dim tensor: on the host it then enters a CUDA kernel as a scalar
+                right.div_(parts[-1][0])
                 layout.pad_input_side(g, right)
             groups.append(_Group(left, right, None))
         return _Blocks(layout, groups), examples
