@@ -156,3 +156,27 @@ def test_parameters_the_loss_ignores_or_is_linear_in_have_zero_hessian_rows(meth
 def _offset(op, name: str) -> int:
     sizes = [p.numel() for p in op.params]
     return sum(sizes[:op.param_names.index(name)])
+
+
+def test_a_column_of_a_wider_block_reaches_the_batch_products_contiguous(monkeypatch):
+    # A one-vector block cut from a column of an (n, m) block is strided; parameter
+    # views of it would make every kernel of the product read strided memory (or copy
+    # per use). The batch products must see contiguous vectors, and the same product.
+    import torchcurv.derivatives.hessian as strategies
+
+    model, criterion, data = case("mlp_tanh", "ce")
+    H = torchcurv.HessianOperator(model, criterion, data)
+    seen = []
+    kernel = strategies.hvp_double_backward
+
+    def recording(model, objective, batch, scale, params, blocks):
+        seen.append(all(b.is_contiguous() for b in blocks)
+                    and all(v.is_contiguous() for v in blocks._vectors))
+        return kernel(model, objective, batch, scale, params, blocks)
+
+    monkeypatch.setattr(strategies, "hvp_double_backward", recording)
+    V = torch.randn(H.n, 3, dtype=torch.float64)
+    out = H.matmat(V[:, 1:2])
+    assert seen and all(seen)
+    exact = explicit_hessian(model, criterion, data)
+    assert rel(out[:, 0], exact @ V[:, 1]) < 1e-10

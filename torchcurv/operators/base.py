@@ -310,8 +310,13 @@ class ParameterOperator(LinearOperator):
         parameter tensors cost a dispatched op each."""
         m = V.shape[1]
         if m == 1:
-            # a column of a 2-D tensor is 1-D, so each piece views as any shape
+            # a column of a 2-D tensor is 1-D, so each piece views as any shape; a column
+            # of a wider block is strided, and strided parameter-shaped views would make
+            # every kernel of the product read them strided (or copy them, per use): one
+            # contiguous copy of the column instead
             flat = V[:, 0]
+            if flat.stride(0) != 1:
+                flat = flat.contiguous()
             if self._view_plans is None:
                 block = ParameterBlock(self._param_views(flat, row=True) if rows else ())
                 block._vectors = self._param_views(flat)
