@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from torchcurv.operators.base import LinearOperator
-from torchcurv.operators.counting import HostReads
 
 _OUT: list[Path] = []
 
@@ -60,6 +59,9 @@ def op_counts(fn: Callable[[], object], device: torch.device) -> dict:
     ``float(t)``, ``bool(t)``, ``torch.equal``, ``.tolist()``; from a further call) and,
     on CUDA, kernel launches."""
     from torch.profiler import ProfilerActivity, profile
+
+    # here, not at the top: engine_ab.py imports this module beside older torchcurv trees
+    from torchcurv.operators.counting import HostReads
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])

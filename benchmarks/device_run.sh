@@ -10,6 +10,8 @@
 #   bash benchmarks/device_run.sh lm         # GPT-2-style LM scale (eager and sdpa)
 #   bash benchmarks/device_run.sh billion    # 1.1B LLaMA: products, top-10, SLQ (~9 min)
 #   bash benchmarks/device_run.sh krylov     # Krylov/attention GPU tests, tiles, 1.1B solve phases
+#   bash benchmarks/device_run.sh ab         # 1.1B products, .ab/old against this tree (carry .ab;
+#                                            # make it with git archive, see engine_ab.py)
 #
 # The device image has torch, triton, cupy, transformers but not the peers or pytest:
 # carry their wheels in .whl/ (git-ignored); they are installed into /tmp/site here.
@@ -73,6 +75,9 @@ for stage in "$@"; do
                 --out "$OUT/lanczos_phases_$TAG.jsonl"
             run lanczos_phases_hessian timeout 200 python3 benchmarks/lanczos_phases.py \
                 --method hessian/forward_over_reverse --out "$OUT/lanczos_phases_$TAG.jsonl" ;;
+        ab)
+            run engine_ab timeout 400 python3 benchmarks/engine_ab.py .ab/old . .ab/old . \
+                --profile --out "$OUT/engine_ab_$TAG.jsonl" ;;
         billion)
             run lm_billion timeout 590 python3 benchmarks/lm_billion.py --budget-s 540 \
                 --out "$OUT/lm_billion_$TAG.jsonl" --figures "$OUT" ;;
