@@ -618,3 +618,53 @@ def test_a_gpt2_shaped_product_issues_operations_per_shape_not_per_layer():
     # products are far above
     assert counts["kfac", 4]["aten_ops"] <= 72 and counts["inverse", 4]["aten_ops"] <= 72
     assert counts["exact", 4]["aten_ops"] <= 140, counts
+
+
+def _dispatched_ops(fn) -> int:
+    """The aten operations ``fn()`` dispatches at the top level (those the host issues,
+    each a kernel launch or a view), after a warm-up call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    fn()
+    with Count() as count:
+        fn()
+    return count.ops
+
+
+def test_one_more_batch_of_a_kfac_build_dispatches_at_most_1_35_gradients_operations():
+    # on a GPU at these sizes the build waits on the host issuing operations, so its
+    # time per batch follows its operations per batch (docs/kfac.md). Per batch it needs
+    # the gradient's forward, a softmax, the draw, p - e_label, the row weights, the
+    # backward to the layer outputs and the factor updates; a second loss pass, dtype
+    # round trips, detaches, per-batch constants recomputed would each show here
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 4))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(12, 16, generator=g), torch.randint(0, 4, (12,), generator=g))
+            for _ in range(2)]
+    criterion = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+
+    def build(batches):
+        return lambda: torchcurv.KFACOperator(model, criterion, batches,
+                                              check_deterministic=False)
+
+    def gradients(batches):
+        def run():
+            for x, y in batches:
+                torch.autograd.grad(criterion(model(x), y), params)
+        return run
+
+    per_batch = {name: _dispatched_ops(make(data)) - _dispatched_ops(make(data[:1]))
+                 for name, make in (("build", build), ("gradient", gradients))}
+    assert per_batch["build"] <= 1.35 * per_batch["gradient"], per_batch

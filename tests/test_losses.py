@@ -182,3 +182,47 @@ def test_reduction_none_is_refused():
     with pytest.raises(ValueError, match="reduction='none'"):
         loss_hessian(nn.MSELoss(reduction="none"), torch.zeros(2, dtype=DT),
                      torch.zeros(2, dtype=DT))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", [*CE_CASES, "probability_targets"])
+def test_row_weights_with_a_normaliser_are_those_of_the_data_sets_loss(name, reduction):
+    # two batches; the data set's loss is (w_1 L_1 + w_2 L_2) / (w_1 + w_2) for a mean
+    # (w_b the loss terms supervised() counts), L_1 + L_2 for a sum. Its Hessian in the
+    # first batch's logits is blockdiag_r w_r (diag p_r - p_r p_rᵀ) with the weights
+    # criterion_row_weights gives for the data set's normaliser
+    from torchcurv.losses import criterion_row_weights
+    from torchcurv.losses.layout import sample_layout
+    from torchcurv.objectives import supervised
+
+    kwargs, shape, ignore = CE_CASES.get(name, (dict(weight=WEIGHT), (5, 4), ()))
+    criterion = nn.CrossEntropyLoss(reduction=reduction, **kwargs)
+    g = _gen(3)
+    outputs = [torch.randn(shape, generator=g, dtype=DT) for _ in range(2)]
+    if name == "probability_targets":
+        targets = [torch.softmax(torch.randn(shape, generator=g, dtype=DT), 1) for _ in range(2)]
+    else:
+        targets = [_class_targets((shape[0], *shape[2:]), shape[1], g, ignore) for _ in range(2)]
+    if reduction == "mean":
+        count = supervised(criterion).weight
+        w = [float(count((o, t))) for o, t in zip(outputs, targets)]
+        normaliser = sum(w)
+
+        def data_loss(first):
+            return (w[0] * criterion(first, targets[0])
+                    + w[1] * criterion(outputs[1], targets[1])) / normaliser
+    else:
+        normaliser = 1.0
+
+        def data_loss(first):
+            return criterion(first, targets[0]) + criterion(outputs[1], targets[1])
+    rows = criterion_row_weights(criterion, outputs[0], targets[0], normaliser)
+    layout = sample_layout(criterion, outputs[0])
+    p = torch.softmax(layout.rows_of(outputs[0]), dim=1)
+    blocks = rows[:, None, None] * (torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    # the oracle in the layout's row order
+    n = outputs[0].numel()
+    H = torch.autograd.functional.hessian(data_loss, outputs[0]).reshape(n, n)
+    order = layout.to_rows(torch.arange(n).reshape(1, *shape))[0]  # (R, K) entry indices
+    expected = torch.stack([H[idx][:, idx] for idx in order])
+    assert _rel(blocks, expected) < 1e-13

@@ -16,8 +16,13 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """
     result = torch.float32
     for dtype in dtypes:
-        result = torch.promote_types(result, dtype)
+        # torch.promote_types is a dispatched operation: only the wider dtypes need it
+        if dtype not in _NOT_WIDER:
+            result = torch.promote_types(result, dtype)
     return result
+
+
+_NOT_WIDER = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def device_scalar(value: torch.Tensor | float, dtype: torch.dtype,

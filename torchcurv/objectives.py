@@ -141,6 +141,8 @@ class _Supervised(Objective):
     them as any objective does."""
 
     _own: tuple[Any, nn.Module] | None = None  # (its loss, the criterion that loss calls)
+    # (its weight, the criterion whose loss terms that weight counts)
+    _counts: tuple[Any, nn.Module] | None = None
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         own = self._own
@@ -152,6 +154,16 @@ class _Supervised(Objective):
         if isinstance(loss, torch.Tensor) and loss.ndim != 0:
             _scalar(loss)
         return loss
+
+
+def counts_criterion_terms(objective: Objective) -> bool:
+    """Whether ``objective.weight`` is the count of its criterion's loss terms that
+    :func:`supervised` gives it (so a mean-reduced batch's share of the data set's loss
+    is the criterion's normaliser over the data set's), checked as the objective is now:
+    a copy, or one whose ``weight`` or ``criterion`` was set anew, is not known to."""
+    counts = getattr(objective, "_counts", None)
+    return (counts is not None and objective.weight is counts[0]
+            and objective.criterion is counts[1])
 
 
 def has_separate_output(objective: Objective) -> bool:
@@ -188,6 +200,8 @@ def supervised(criterion: nn.Module) -> Objective:
         targets=_targets,
     )
     objective._own = (objective.loss, criterion)
+    if weight is not None:
+        objective._counts = (weight, criterion)
     return objective
 
 
@@ -225,7 +239,8 @@ def _loss_term_counter(criterion: nn.Module) -> Callable[[Batch], torch.Tensor |
                 return float(y.numel() // y.shape[1]) if y.ndim > 1 else 1.0
             keep = y != ignore_index
             if class_weight is None:
-                return keep.sum()
+                # summed in float64: the share w_b / W that divides it needs no conversion
+                return keep.sum(dtype=torch.float64)
             return class_weight.to(y.device)[y[keep]].sum()
 
         return count_classification

@@ -168,14 +168,17 @@ def cross_entropy_row_weights(
         raise OperatorInputError(f"dtype must be floating, got {dtype}")
 
     work = torch.float64
-    counted = (target != ignore_index).to(work)
+    kept = target != ignore_index
     if weight is None and label_smoothing == 0:
         # the general formula's value with its no-op terms left out (one weight per
         # row, no smoothing: (1 - 0) t + 0 t is t), a few small kernels fewer per batch;
-        # an unweighted total counts rows, so "all ignored" is total < 1
-        if reduction == "mean":
-            counted = counted / counted.sum().clamp_min(1)
-        return counted.to(dtype)
+        # an unweighted total counts rows, so "all ignored" is total < 1. A sum's 0/1
+        # weights are exact in any dtype: one conversion
+        if reduction == "sum":
+            return kept.to(dtype)
+        counted = kept.to(work)
+        return (counted / counted.sum().clamp_min(1)).to(dtype)
+    counted = kept.to(work)
     if weight is None:
         target_term = counted
         smooth_term = counted

@@ -14,13 +14,19 @@ import torch
 from torch import nn
 
 from torchcurv.dtypes import accumulation_dtype
-from torchcurv.kernels.ce_hvp import REDUCTIONS, ce_hessian_matmat, cross_entropy_row_weights
+from torchcurv.kernels.ce_hvp import (
+    REDUCTIONS,
+    Reduction,
+    ce_hessian_matmat,
+    cross_entropy_row_weights,
+)
 from torchcurv.losses.base import OutputCurvature
 from torchcurv.losses.layout import sample_layout
 
 
 def criterion_row_weights(
-    criterion: nn.CrossEntropyLoss, output: torch.Tensor, target: torch.Tensor
+    criterion: nn.CrossEntropyLoss, output: torch.Tensor, target: torch.Tensor,
+    normaliser: float | None = None,
 ) -> torch.Tensor:
     """Per-sample factors ``w_r`` with ``∇² criterion = blockdiag_r w_r (diag p_r - p_r p_rᵀ)``.
 
@@ -34,6 +40,11 @@ def criterion_row_weights(
         output: logits ``(N, C, d1, ...)``, ``(N, C)`` or ``(C,)``.
         target: class indices ``(N, d1, ...)`` / ``(N,)`` / ``()``, or class
             probabilities shaped like ``output``.
+        normaliser: the weights in a data set's loss instead of the batch's: the
+            summed loss's weights divided by ``normaliser``, the data set's loss-term
+            count for a mean (as the criterion counts them), 1 for a sum. That is the
+            batch's weights times its share ``w_b / normaliser``, without the batch's own
+            count ``w_b``: a few kernels fewer per batch.
 
     Returns:
         ``(R,)`` factors, rows ordered as ``sample_layout`` orders them (row-major over
@@ -41,25 +52,27 @@ def criterion_row_weights(
         sequence has no bf16 representation to spare), else in the output's dtype. All
         zero for a mean over no counted row (torch's loss is NaN there).
     """
-    reduction = criterion.reduction
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if criterion.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {criterion.reduction!r}")
+    reduction: Reduction = ("mean" if criterion.reduction == "mean" and normaliser is None
+                            else "sum")
     layout = sample_layout(criterion, output)
     dtype = accumulation_dtype(output.dtype)
     eps = float(criterion.label_smoothing)
     class_weight = criterion.weight
     if not target.is_floating_point():
-        t = target.reshape(-1)
+        t = target if target.ndim == 1 else target.reshape(-1)
         if t.numel() != layout.rows:
             raise ValueError(
                 f"{t.numel()} class-index targets for {layout.rows} rows of logits "
                 f"(logits shape {tuple(output.shape)})"
             )
-        return cross_entropy_row_weights(
+        rows = cross_entropy_row_weights(
             t, num_classes=layout.width, reduction=reduction,
             ignore_index=criterion.ignore_index, weight=class_weight, label_smoothing=eps,
             dtype=dtype,
         )
+        return rows if normaliser is None or normaliser == 1 else rows / normaliser
     if target.shape != output.shape:
         raise ValueError(
             f"probability targets must have the logits' shape {tuple(output.shape)}, "
@@ -72,7 +85,9 @@ def criterion_row_weights(
     else:
         coef = probs.sum(-1)
     # torch divides a mean over probability targets by the row count, class weights or not
-    return coef / layout.rows if criterion.reduction == "mean" else coef
+    if reduction == "mean":
+        return coef / layout.rows
+    return coef if normaliser is None or normaliser == 1 else coef / normaliser
 
 
 class CrossEntropyHessian(OutputCurvature):

@@ -74,6 +74,7 @@ def monte_carlo_fisher_factors(
     scale: torch.Tensor | float,
     mc_samples: int,
     generator: torch.Generator,
+    normaliser: float | None = None,
 ) -> SampleOuterProducts:
     """``scale`` times a ``mc_samples``-draw estimate of ``∇²_f criterion(f, target)``.
 
@@ -84,32 +85,48 @@ def monte_carlo_fisher_factors(
     Each gradient is multiplied by the square root of the loss Hessian's per-sample
     factor (class weights, ``ignore_index``, ``pos_weight``, the reduction's normaliser),
     so the estimate's expectation is exactly the loss Hessian.
+
+    For the cross-entropy, ``normaliser`` (see
+    :func:`~torchcurv.losses.cross_entropy.criterion_row_weights`) gives the rows' weights
+    in the data set's loss directly, for a caller whose ``scale`` is the batch's share
+    ``w_b / normaliser`` with ``w_b`` the criterion's own count of the batch's loss
+    terms (1 for a sum); ``scale`` is then not used.
     """
-    output = output.detach()
+    if output.requires_grad:
+        output = output.detach()
     layout = sample_layout(criterion, output)
-    f = layout.to_rows(output[None])[0]  # (R, K)
-    scale_t = _as_scale(scale, f)
+    f = layout.rows_of(output)  # (R, K)
     if isinstance(criterion, nn.CrossEntropyLoss):
         prob = torch.softmax(f, dim=1)
-        labels = _drawable(prob, 1 / layout.width).multinomial(
-            mc_samples, replacement=True, generator=generator).T
-        row = criterion_row_weights(criterion, output, target)
-        row = (row if row.dtype == f.dtype else row.to(f.dtype)) * scale_t
+        drawn = _drawable(prob, 1 / layout.width).multinomial(
+            mc_samples, replacement=True, generator=generator)  # (R, S)
+        if normaliser is None:
+            row = criterion_row_weights(criterion, output, target)
+            row = (row if row.dtype == f.dtype else row.to(f.dtype)) * _as_scale(scale, f)
+        else:
+            row = criterion_row_weights(criterion, output, target, normaliser)
+            row = row if row.dtype == f.dtype else row.to(f.dtype)
         # one draw needs no copy: `prob` has no other use once drawn from
         g = prob.unsqueeze(0) if mc_samples == 1 else prob.unsqueeze(0).repeat(
             mc_samples, 1, 1)
+        labels = drawn.unsqueeze(0) if mc_samples == 1 else drawn.T.unsqueeze(2)  # (S, R, 1)
         # p - e_label with the 1 subtracted by a scatter (the same floats): one_hot
         # would check the labels' range on the host, a sync per batch, and build an
         # int64 (S, R, K) tensor
-        g.scatter_add_(2, labels.unsqueeze(2), g.new_full((*labels.shape, 1), -1.0))
-        g.mul_(row.clamp_min(0).sqrt()[None, :, None])
+        g.scatter_add_(2, labels, g.new_full(labels.shape, -1.0))
+        # only class weights or probability targets can make a row's weight negative
+        if criterion.weight is not None or target.is_floating_point():
+            row = row.clamp_min(0)
+        g.mul_(row.sqrt().view(1, -1, 1))
     elif isinstance(criterion, nn.BCEWithLogitsLoss):
+        scale_t = _as_scale(scale, f)
         prob = f.sigmoid()
         draws = _drawable(prob, 0.5).unsqueeze(0).expand(mc_samples, -1, -1).bernoulli(
             generator=generator)
         weights = bce_with_logits_curvature_weights(criterion, output, target) * scale_t
         g = (prob.unsqueeze(0) - draws) * layout.to_rows(weights[None]).clamp_min(0).sqrt()
     elif isinstance(criterion, nn.MSELoss):
+        scale_t = _as_scale(scale, f)
         # in the output's dtype: a float32 std would round every float64 draw
         std = device_scalar(math.sqrt(0.5), f.dtype, f.device)
         mean = torch.zeros(mc_samples, *f.shape, device=f.device, dtype=f.dtype)

@@ -39,19 +39,34 @@ class SampleLayout:
             self._moved = (*rest, self.width)
 
     def to_rows(self, T: torch.Tensor) -> torch.Tensor:
-        """``(m, *shape) -> (m, rows, width)``, rows in the row-major order of the other axes."""
+        """``(m, *shape) -> (m, rows, width)``, rows in the row-major order of the other axes.
+
+        Each step (the move of the sample axis, the reshape) is left out where it would
+        not change ``T``: a view costs a dispatched operation all the same."""
         m = T.shape[0]
-        if self.sample_dim is not None:
+        if self.sample_dim is not None and 1 + self.sample_dim != T.ndim - 1:
             T = T.movedim(1 + self.sample_dim, -1)
-        return T.reshape(m, self.rows, self.width)
+        return _reshaped(T, (m, self.rows, self.width))
+
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """One tensor of ``shape`` as ``(rows, width)``: ``to_rows`` without the block axis
+        (``x`` itself for an ``(N, K)`` output with its samples along the last axis)."""
+        if self.sample_dim is not None and self.sample_dim != x.ndim - 1:
+            x = x.movedim(self.sample_dim, -1)
+        return _reshaped(x, (self.rows, self.width))
 
     def from_rows(self, T: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`to_rows`: ``(m, rows, width) -> (m, *shape)``."""
+        """Inverse of :meth:`to_rows`: ``(m, rows, width) -> (m, *shape)`` (again without
+        the steps that would not change ``T``)."""
         m = T.shape[0]
-        T = T.reshape(m, *self._moved)
+        T = _reshaped(T, (m, *self._moved))
         if self.sample_dim is None:
             return T.squeeze(-1)
-        return T.movedim(-1, 1 + self.sample_dim)
+        return T if 1 + self.sample_dim == T.ndim - 1 else T.movedim(-1, 1 + self.sample_dim)
+
+
+def _reshaped(T: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return T if T.shape == shape else T.reshape(shape)
 
 
 def sample_layout(criterion: nn.Module | None, output: torch.Tensor) -> SampleLayout:

@@ -850,8 +850,8 @@ def _as_floats(counts: list[list[torch.Tensor | float]],
     if len(on_device) > 1:
         # stacked in one dtype, lest promotion round an int64 count to float32
         same = len({w.dtype for w in on_device}) == 1
-        stacked = torch.stack([w.reshape(()) if same else w.reshape(()).to(torch.float64)
-                               for w in on_device])
+        scalars = [w if w.dim() == 0 else w.reshape(()) for w in on_device]
+        stacked = torch.stack(scalars if same else [w.to(torch.float64) for w in scalars])
         values = stacked.to(torch.float64).tolist()
         fetched = {id(w): v for w, v in zip(on_device, values)}
         return [[fetched[id(w)] if id(w) in fetched else float(w) for w in ws]
@@ -872,7 +872,8 @@ class BatchLosses:
         self.deferred: list[tuple[torch.Tensor, Callable[[float], None]]] = []
 
     def add(self, index: int, loss: torch.Tensor) -> None:
-        value = loss.detach()
+        # a loss computed without grad is outside any graph already: no detach
+        value = loss.detach() if loss.requires_grad else loss
         self.values.append(value if value.dim() == 0 else value.reshape(()))
         self.batch_index.append(index)
 

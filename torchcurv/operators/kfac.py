@@ -61,7 +61,7 @@ from torchcurv.dtypes import accumulation_dtype
 from torchcurv.errors import NonFiniteLossError
 from torchcurv.losses.fisher import SAMPLEABLE, empirical_fisher_factors, monte_carlo_fisher_factors
 from torchcurv.losses.hessian_sqrt import LossHessianSqrt
-from torchcurv.objectives import Objective
+from torchcurv.objectives import Objective, counts_criterion_terms
 from torchcurv.operators.base import ParameterOperator
 from torchcurv.operators.config import CurvatureConfig, KFACConfig, snapshot
 from torchcurv.operators.curvature import BatchLosses, CurvatureOperator
@@ -464,6 +464,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                 "; fisher_type='empirical' works with any objective"
             )
         self.factor_dtype = accumulation_dtype(self.dtype)
+        self._mc_normaliser = self._cross_entropy_normaliser()
         with self._stage(None):
             self._layers = self._find_layers()
             self._slots = self._make_slots()
@@ -472,6 +473,22 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         self._factor_blocks, self.num_examples = self._compute_factors()
         self._factor_views: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None
         self._eig: list[_Eigh] | None = None
+
+    def _cross_entropy_normaliser(self) -> float | None:
+        """The data set loss's denominator for a Monte-Carlo cross-entropy whose batch
+        shares are the criterion's own counts over it (``supervised``'s objective for a
+        mean, any objective summing a summed criterion): the drawn gradients' row
+        weights then come straight from it rather than per batch as the batch's
+        weights times its share. ``None`` otherwise."""
+        crit, objective = self.objective.criterion, self.objective
+        if self.fisher_type != "mc" or not isinstance(crit, nn.CrossEntropyLoss):
+            return None
+        if crit.reduction == "sum" and objective.reduction == "sum":
+            return 1.0
+        if (crit.reduction == "mean" and objective.reduction == "mean"
+                and counts_criterion_terms(objective)):
+            return self.total_weight
+        return None
 
     # -- layers and blocks -----------------------------------------------------------
     def _find_layers(self) -> list[_Layer]:
@@ -555,7 +572,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         def pre_hook(layer: _Layer):
             def hook(module, args):
                 if layer.weight is not None:  # a bias alone has no input factor
-                    inputs.setdefault(layer.name, []).append(self._layer_input(layer, args))
+                    with torch.no_grad():
+                        inputs.setdefault(layer.name, []).append(self._layer_input(layer, args))
             return hook
 
         def post_hook(layer: _Layer):
@@ -590,12 +608,13 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                 examples += _num_examples(batch, output)
                 loss, vectors, weight = self._backprop_vectors(output, batch, scale, rng)
                 losses.add(i, loss)
-                for layer in self._layers:
-                    xs = inputs.get(layer.name, [])
-                    for k, x in enumerate(xs):
-                        kept = on_inputs(layer, x)
-                        if keep_inputs:
-                            xs[k] = kept
+                with torch.no_grad():  # the inputs are kept in the graph, not detached
+                    for layer in self._layers:
+                        xs = inputs.get(layer.name, [])
+                        for k, x in enumerate(xs):
+                            kept = on_inputs(layer, x)
+                            if keep_inputs:
+                                xs[k] = kept
                 if not keep_inputs:
                     inputs.clear()
                 kept_outputs = [t for layer in self._layers for t in outputs.get(layer.name, [])]
@@ -616,7 +635,8 @@ class KFACOperator(SeededDraws, CurvatureOperator):
                                         and g.shape != kept_output.shape):
                                     g = g.reshape(kept_output.shape)
                                 kept = xs[k] if k < len(xs) else None
-                                on_grads(layer, kept, self._layer_grad(layer, g), weight)
+                                with torch.no_grad():
+                                    on_grads(layer, kept, self._layer_grad(layer, g), weight)
                 inputs.clear()
                 outputs.clear()
         return losses, examples
@@ -638,7 +658,7 @@ class KFACOperator(SeededDraws, CurvatureOperator):
         target = targets(batch)
         if self.fisher_type == "mc":
             factor = monte_carlo_fisher_factors(crit, output_d, target, scale,
-                                                self.mc_samples, rng)
+                                                self.mc_samples, rng, self._mc_normaliser)
             rows = factor.layout.from_rows(factor.factors)
             if rows.dtype != output.dtype:
                 rows = rows.to(output.dtype)
@@ -651,10 +671,11 @@ class KFACOperator(SeededDraws, CurvatureOperator):
     def _layer_input(self, layer: _Layer, args: tuple) -> torch.Tensor:
         """The layer's input as ``(N_l, ..., c)`` rows of the factor dtype (a linear
         layer's input as it is: reshaping it is left to the caller, which needs one
-        reshape, not two)."""
+        reshape, not two). Called, and its result used, under ``no_grad``: a detach
+        per layer and batch fewer."""
         if len(args) != 1:
             raise TypeError(f"layer '{layer.name}' is called with {len(args)} inputs, not 1")
-        x = args[0].detach()
+        x = args[0]
         if x.dtype != self.factor_dtype:
             x = x.to(self.factor_dtype)
         module = layer.module
