@@ -106,6 +106,38 @@ def test_a_product_reads_back_once_for_its_vectors_and_losses_together(name,
     assert reads == {2: (1, 1), 5: (1, 1)}, reads
 
 
+def test_a_models_buffers_are_compared_with_one_read_back_and_restored_when_changed():
+    # The guard compares every tensor attribute with its snapshot when a product ends;
+    # one read per tensor (two BatchNorm layers hold six) would stall a GPU six times.
+    # A forward that changes a buffer (train-mode BatchNorm's running statistics) must
+    # still find it put back.
+    def model_and_data():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(),
+                              nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
+        g = torch.Generator().manual_seed(1)
+        data = [(torch.randn(8, 4, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g))
+                for _ in range(2)]
+        return model, data
+
+    model, data = model_and_data()
+    model.eval()
+    H = torchcurv.HessianOperator(model, nn.CrossEntropyLoss(), data)
+    v = torch.randn(H.n, dtype=DT)
+    H.matvec(v)
+    with HostReads() as counter:
+        H.matvec(v)
+    assert counter.count == 2  # the product's checks, the guard's comparisons
+
+    model, data = model_and_data()
+    model.train()
+    H = torchcurv.HessianOperator(model, nn.CrossEntropyLoss(), data,
+                                  check_deterministic=False)
+    before = snapshot(model)
+    H.matvec(torch.randn(H.n, dtype=DT))
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("method", ["autograd", "forward_over_reverse", "finite_difference"])
 def test_a_non_finite_vector_is_reported_before_a_non_finite_loss_model_unchanged(method):
     # both problems at once: the vector is the caller's to fix first (finite differences

@@ -67,9 +67,8 @@ class _Preserved:
             layout.restore()
         if self.tensors:
             with torch.no_grad():
-                for t, value in self.tensors:
-                    if (t.shape != value.shape or t.dtype != value.dtype
-                            or not torch.equal(t, value)):
+                for (t, value), changed in zip(self.tensors, _changed(self.tensors)):
+                    if changed:
                         t.data = value
         params = layout.params
         if not all(map(is_, map(_GRAD, params), self.grads)):
@@ -85,6 +84,32 @@ class _Preserved:
                 for t, value in self.values:
                     if not torch.equal(t, value):
                         t.copy_(value)
+
+
+def _changed(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """For each ``(tensor, snapshot)``: whether the tensor no longer equals its snapshot
+    (as ``not torch.equal``: other shape or dtype, other values, or a NaN).
+
+    The value comparisons are read back once per device, not once per tensor: on a GPU
+    each read waits for the device, and a model with normalisation layers holds a few
+    buffers per layer.
+    """
+    changed = [t.shape != v.shape or t.dtype != v.dtype or t.device != v.device
+               for t, v in pairs]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (t, _) in enumerate(pairs):
+        if not changed[i]:
+            by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        if len(indices) == 1:
+            i = indices[0]
+            changed[i] = not torch.equal(*pairs[i])
+            continue
+        # ne, not a bitwise compare: a NaN differs from itself, as in torch.equal
+        flags = torch.stack([torch.ne(*pairs[i]).any() for i in indices]).tolist()
+        for i, flag in zip(indices, flags):
+            changed[i] = flag
+    return changed
 
 
 class ModelGuard:
