@@ -81,8 +81,10 @@ class _Preserved:
                     p.requires_grad_(requires_grad)
         if self.values:
             with torch.no_grad():
-                for t, value in self.values:
-                    if not torch.equal(t, value):
+                # copied back only where changed: an in-place copy bumps the version
+                # counter, which would break the caller's graphs holding the tensor
+                for (t, value), changed in zip(self.values, _changed(self.values)):
+                    if changed:
                         t.copy_(value)
 
 
