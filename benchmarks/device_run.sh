@@ -39,7 +39,7 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, keep going on failure
 for stage in "$@"; do
     case $stage in
         tests)
-            run gpu_tests python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" \
+            run gpu_tests python3 -m pytest -q -p no:cacheprovider -m "gpu or multigpu" --durations=25 \
                 -o addopts= -rs tests
             run triton_kernel_tests python3 -m pytest -q -p no:cacheprovider -o addopts= \
                 tests/test_ce_hvp_triton.py ;;
