@@ -180,3 +180,28 @@ def test_a_column_of_a_wider_block_reaches_the_batch_products_contiguous(monkeyp
     assert seen and all(seen)
     exact = explicit_hessian(model, criterion, data)
     assert rel(out[:, 0], exact @ V[:, 1]) < 1e-10
+
+
+@pytest.mark.parametrize("columns", [None, 3])
+def test_bf16_batches_are_summed_in_float32_and_rounded_once(columns):
+    # oracle: each batch's product alone (a one-batch operator of a 'sum' loss, whose
+    # batch scale is 1), summed in float32 and rounded to bfloat16 once; a sum in
+    # bfloat16 rounds after every batch and differs from it in many entries
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(torch.bfloat16)
+    data = [(torch.randn(4, 6, dtype=torch.bfloat16), torch.randint(0, 3, (4,)))
+            for _ in range(8)]
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    H = torchcurv.HessianOperator(model, criterion, data)
+    shape = (H.n,) if columns is None else (H.n, columns)
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    parts = [torchcurv.HessianOperator(model, criterion, [b]) @ v for b in data]
+    total = parts[0].float()
+    for p in parts[1:]:
+        total += p.float()
+    expected = total.to(torch.bfloat16)
+    in_bf16 = parts[0].clone()
+    for p in parts[1:]:
+        in_bf16 += p
+    assert not torch.equal(in_bf16, expected)  # the test can tell the two sums apart
+    assert torch.equal(H @ v, expected)

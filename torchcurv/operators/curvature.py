@@ -605,7 +605,9 @@ class CurvatureOperator(ParameterOperator):
                 if acc is not None:
                     torch._foreach_add_(acc, out)
                 elif flat is None:
-                    flat = torch._C._nn.flatten_dense_tensors(out).to(dtype)
+                    flat = torch._C._nn.flatten_dense_tensors(out)
+                    if flat.dtype != dtype:  # a dispatched no-op when they agree
+                        flat = flat.to(dtype)
                 elif self._flat_adds:
                     flat.add_(torch._C._nn.flatten_dense_tensors(out))
                 else:
